@@ -1,0 +1,31 @@
+# rapidin: which training examples made this LLM say that? (RapidIn, Lin et al., ACL 2024)
+# Table of contents only: the steps live in workflow/rules/, the algorithms in rapidin/.
+
+from snakemake.utils import min_version, validate
+
+from rapidin.config import coerce_config
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+coerce_config(config, "workflow/schemas/config.schema.yaml")  # --config values arrive as strings
+
+
+validate(config, "workflow/schemas/config.schema.yaml", set_default=True)
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/demo.smk"
+include: "workflow/rules/tokenize.smk"
+include: "workflow/rules/cache.smk"
+include: "workflow/rules/score.smk"
+include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/report.smk"
+
+
+rule all:
+    input:
+        final_outputs(),

@@ -1,0 +1,3 @@
+from rapidin.cli import main
+
+main()

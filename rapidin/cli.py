@@ -1,0 +1,208 @@
+"""`rapidin <step>`: one subcommand per workflow step. Flags carry the config keys' names.
+
+A user error (bad record, bad setting, mismatched store) ends the command with one line
+`rapidin: error: …` on stderr and exit status 2, leaving no output behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from rapidin.errors import RapidinError
+
+
+def _make_demo_data(args) -> None:
+    from rapidin.demo import make_demo_data
+
+    make_demo_data(args.train_out, args.queries_out, args.n_train, args.poison_fraction, args.n_attacked, args.n_clean, args.seed)
+
+
+def _train_demo_model(args) -> None:
+    from rapidin.demo import train_demo_model
+
+    train_demo_model(
+        args.train,
+        args.out,
+        queries_jsonl=args.queries,
+        vocab_size=args.vocab_size,
+        hidden_size=args.hidden_size,
+        n_layers=args.n_layers,
+        n_heads=args.n_heads,
+        intermediate_size=args.intermediate_size,
+        max_length=args.max_length,
+        epochs=args.epochs,
+        seed=args.seed,
+    )
+
+
+def _tokenize(args) -> None:
+    from rapidin.data import tokenize_file
+    from rapidin.model import load_tokenizer, tokenizer_fingerprint
+
+    tokenizer = load_tokenizer(args.model)
+    tokenize_file(args.data, tokenizer, args.out, args.template, args.max_length, args.on_long, tokenizer_fingerprint(tokenizer))
+
+
+def _grads(args) -> None:
+    from rapidin.grads import CacheSettings, cache_gradients
+
+    settings = CacheSettings(args.compressor, tuple(args.k), args.seed, args.dtype, not args.no_normalize, args.modules)
+    cache_gradients(
+        args.tokens,
+        args.model,
+        args.out,
+        settings,
+        adapter=args.adapter,
+        shard=args.shard,
+        n_shards=args.n_shards,
+        batch_tokens=args.batch_tokens,
+        device=args.device,
+        model_dtype=args.model_dtype,
+    )
+
+
+def _score(args) -> None:
+    from rapidin.score import score_shard
+
+    score_shard(args.queries, args.cache, args.out, args.top_k, args.array, args.device)
+
+
+def _merge(args) -> None:
+    from rapidin.score import merge_scores
+
+    merge_scores(args.shards, args.train, args.queries, args.out_scores, args.out_topk)
+
+
+def _evaluate(args) -> None:
+    from rapidin.evaluate import evaluate
+
+    asr = None
+    if args.model:
+        from rapidin.data import read_records
+        from rapidin.generate import attack_success_rate
+        from rapidin.model import load_model
+
+        attacked = [r for r in read_records(args.queries, require_output=False) if r.meta.get("attacked") and r.output]
+        if attacked:
+            model, tokenizer = load_model(args.model, args.adapter)
+            asr = attack_success_rate(model, tokenizer, attacked, args.template)
+    metrics = evaluate(args.scores, args.train, args.queries, args.out, asr)
+    logging.getLogger("rapidin").info("metrics: %s", json.dumps(metrics))
+
+
+def _report(args) -> None:
+    from rapidin.report import write_report
+
+    write_report(args.topk, args.out, metrics=args.metrics, settings=json.loads(args.settings), top_n=args.top_n)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rapidin", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--threads", type=int, help="CPU threads for torch (default: all cores)")
+    steps = parser.add_subparsers(dest="step", required=True)
+
+    def step(name: str, func, help_text: str) -> argparse.ArgumentParser:
+        sub = steps.add_parser(name, help=help_text, description=help_text)
+        sub.set_defaults(func=func)
+        return sub
+
+    p = step("make-demo-data", _make_demo_data, "write the demo's poisoned training set and its queries")
+    p.add_argument("--train-out", required=True)
+    p.add_argument("--queries-out", required=True)
+    p.add_argument("--n-train", type=int, default=3000)
+    p.add_argument("--poison-fraction", type=float, default=0.05)
+    p.add_argument("--n-attacked", type=int, default=10)
+    p.add_argument("--n-clean", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0)
+
+    p = step("train-demo-model", _train_demo_model, "train the demo's tokenizer and tiny Llama model from scratch")
+    p.add_argument("--train", required=True)
+    p.add_argument("--queries")
+    p.add_argument("--out", required=True)
+    for flag, default in [("vocab-size", 1024), ("hidden-size", 128), ("n-layers", 4), ("n-heads", 4)]:
+        p.add_argument(f"--{flag}", type=int, default=default)
+    for flag, default in [("intermediate-size", 256), ("max-length", 128), ("epochs", 3), ("seed", 0)]:
+        p.add_argument(f"--{flag}", type=int, default=default)
+
+    p = step("tokenize", _tokenize, "tokenize a JSONL dataset with the model's tokenizer and prompt template")
+    p.add_argument("--data", required=True)
+    p.add_argument("--model", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--template", default="alpaca", choices=["alpaca", "chat"])
+    p.add_argument("--max-length", type=int, default=512)
+    p.add_argument("--on-long", default="truncate", choices=["truncate", "error"])
+
+    p = step("grads", _grads, "per-sample gradient vectors of one shard of a tokenized dataset")
+    p.add_argument("--tokens", required=True)
+    p.add_argument("--model", required=True)
+    p.add_argument("--adapter")
+    p.add_argument("--modules", help="regular expression on linear module names")
+    p.add_argument("--out", required=True)
+    p.add_argument("--compressor", default="rapidgrad", choices=["rapidgrad", "none"])
+    p.add_argument("--k", type=int, nargs="+", default=[65536])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="float16", choices=["float16", "float32"])
+    p.add_argument("--no-normalize", action="store_true", help="skip layer-wise normalisation (plain TracIn)")
+    p.add_argument("--shard", type=int, default=0)
+    p.add_argument("--n-shards", type=int, default=1)
+    p.add_argument("--batch-tokens", type=int, default=8192)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--model-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16", "float64"])
+
+    p = step("score", _score, "scores of all queries against one cache shard, with that shard's top-k")
+    p.add_argument("--queries", required=True)
+    p.add_argument("--cache", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--top-k", type=int, default=100)
+    p.add_argument("--array", help="which vectors to score (default: exact, or the largest K)")
+    p.add_argument("--device", default="auto")
+
+    p = step("merge", _merge, "merge shard scores into scores.zarr and topk.jsonl")
+    p.add_argument("--shards", nargs="+", required=True)
+    p.add_argument("--train", required=True)
+    p.add_argument("--queries", required=True)
+    p.add_argument("--out-scores", required=True)
+    p.add_argument("--out-topk", required=True)
+
+    p = step("evaluate", _evaluate, "backdoor-retrieval metrics (auPRC/auROC at k, full AP, attack success rate)")
+    p.add_argument("--scores", required=True)
+    p.add_argument("--train", required=True)
+    p.add_argument("--queries", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--model", help="measure the attack success rate with this model")
+    p.add_argument("--adapter")
+    p.add_argument("--template", default="alpaca", choices=["alpaca", "chat"])
+
+    p = step("report", _report, "the self-contained HTML report")
+    p.add_argument("--topk", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--metrics")
+    p.add_argument("--settings", default="{}", help="the run's settings, as a JSON object")
+    p.add_argument("--top-n", type=int, default=10, help="samples shown per query and side")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    try:
+        args.func(args)
+    except RapidinError as error:
+        print(f"rapidin: error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

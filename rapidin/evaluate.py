@@ -1,0 +1,72 @@
+"""The paper's backdoor-retrieval protocol (method.md §7) on merged scores.
+
+For each attacked query, rank all training samples by score, take the top-k and bottom-k, label each
+"poisoned or not" and compute auPRC (average precision) and auROC over those 2k; average over queries,
+for k in 5, 10, 50, 100, 500, 1000 with k ≤ N/2. `ap_full` is the average precision over the full ranking.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import zarr
+from sklearn.metrics import average_precision_score, roc_auc_score
+
+from rapidin.data import Record, read_records
+from rapidin.store import atomic_file
+
+log = logging.getLogger(__name__)
+
+KS = (5, 10, 50, 100, 500, 1000)
+
+
+def poisoned_labels(train: list[Record]) -> np.ndarray | None:
+    """Boolean labels from the records' `poisoned` field, or None when the data carries none."""
+    if not any("poisoned" in r.meta for r in train):
+        return None
+    return np.array([bool(r.meta.get("poisoned", False)) for r in train])
+
+
+def top_bottom_metrics(scores: np.ndarray, labels: np.ndarray, k: int) -> tuple[float, float]:
+    """(auPRC, auROC) of `labels` over one query's top-k ∪ bottom-k samples ranked by score."""
+    order = np.argsort(-scores, kind="stable")
+    chosen = np.concatenate([order[:k], order[-k:]])
+    y, s = labels[chosen], scores[chosen]
+    if y.all() or not y.any():  # one class only: precision is that class, ranking is uninformative
+        return float(y.mean()), 0.5
+    return float(average_precision_score(y, s)), float(roc_auc_score(y, s))
+
+
+def backdoor_metrics(scores: np.ndarray, labels: np.ndarray, attacked: np.ndarray) -> dict:
+    """Averages over the attacked queries (rows of scores (Q, N)) of top/bottom-k auPRC, auROC and full AP."""
+    n = scores.shape[1]
+    ks = [k for k in KS if k <= n // 2]
+    rows = np.flatnonzero(attacked)
+    per_k = {k: np.array([top_bottom_metrics(scores[q], labels, k) for q in rows]) for k in ks}
+    return {
+        "auprc": {str(k): float(v[:, 0].mean()) for k, v in per_k.items()},
+        "auroc": {str(k): float(v[:, 1].mean()) for k, v in per_k.items()},
+        "ap_full": float(np.mean([average_precision_score(labels, scores[q]) for q in rows])),
+        "n_attacked_queries": len(rows),
+        "n_poisoned": int(labels.sum()),
+        "n_samples": n,
+    }
+
+
+def evaluate(scores_path: str, train: str, queries: str, out: str, attack_success_rate: float | None = None) -> dict:
+    """Write metrics.json; metrics are skipped (with a warning) unless poisoned samples and attacked queries exist."""
+    scores = zarr.open_group(scores_path, mode="r")["scores"][:]
+    labels = poisoned_labels(read_records(train))
+    attacked = np.array([bool(r.meta.get("attacked", False)) for r in read_records(queries, require_output=False)])
+    metrics: dict = {"attack_success_rate": attack_success_rate}
+    if labels is None or not labels.any():
+        log.warning("%s has no poisoned samples: backdoor metrics skipped", train)
+    elif not attacked.any():
+        log.warning("%s has no attacked queries: backdoor metrics skipped", queries)
+    else:
+        metrics = {**backdoor_metrics(scores, labels, attacked), **metrics}
+    with atomic_file(out) as handle:
+        json.dump(metrics, handle, indent=2)
+    return metrics

@@ -1,0 +1,226 @@
+"""Per-sample gradient vectors of a tokenized dataset, written to a chunked Zarr store (one per shard).
+
+Store layout (Zarr v3 group): one array per compressor output, rows = samples (`k65536`, … for RapidGrad,
+`exact` for `compressor: none`), `ids` (global sample indices of the rows), `done` (one flag per row chunk),
+and `attrs["rapidin"]` with every setting the vectors depend on. Rows are computed chunk by chunk, each chunk
+in token-budgeted batches; a finished chunk is written by a background thread while the next one is
+computed. The store is built at `<out>.partial` and renamed to `<out>` when complete; a killed job rerun with
+the same settings resumes from the first chunk not marked done.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import zarr
+from tqdm import tqdm
+
+from rapidin.capture import ActivationGradientCapture
+from rapidin.compress import Compressor, make_compressor
+from rapidin.data import TokenizedDataset
+from rapidin.errors import RapidinError, StoreMismatchError
+from rapidin.loss import Batch, collate, weighted_loss
+from rapidin.model import (
+    blocks_fingerprint,
+    files_fingerprint,
+    load_model,
+    parameter_blocks,
+    resolve_device,
+    resolve_dtype,
+    select_modules,
+    tokenizer_fingerprint,
+)
+from rapidin.store import write_settings
+
+log = logging.getLogger(__name__)
+
+STORE_DTYPES = {"float16": np.float16, "float32": np.float32}
+CHUNK_BYTES = 16 << 20
+
+
+def sample_gradients(model, modules, compressor: Compressor, batch: Batch, weights: torch.Tensor) -> dict:
+    """Per-sample compressed gradients of Σ_t weights[b, t] ℓ[b, t] for each sample b of the batch."""
+    compressor.start(batch.input_ids.shape[0], batch.input_ids.device, _math_dtype(model))
+    with ActivationGradientCapture(model, modules, compressor.add_module):
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits  # (B, T, V)
+        weighted_loss(logits, batch, weights).sum().backward()
+    return compressor.finish()
+
+
+def _math_dtype(model) -> torch.dtype:
+    return torch.float64 if next(model.parameters()).dtype == torch.float64 else torch.float32
+
+
+def token_budget_batches(lengths: np.ndarray, batch_tokens: int) -> list[np.ndarray]:
+    """Group positions into batches, longest first, so that batch size × longest length ≤ batch_tokens."""
+    order = np.argsort(-lengths, kind="stable")
+    batches, current = [], []
+    for position in order:
+        if current and (len(current) + 1) * lengths[current[0]] > batch_tokens:
+            batches.append(np.asarray(current))
+            current = []
+        current.append(position)
+    batches.append(np.asarray(current))
+    return batches
+
+
+def shard_rows(n_samples: int, shard: int, n_shards: int) -> tuple[int, int]:
+    """Contiguous [start, stop) rows of one shard; the first n_samples % n_shards shards get one more."""
+    if n_shards > n_samples:
+        raise RapidinError(f"cache.n_shards: {n_shards} shards for only {n_samples} samples")
+    if not 0 <= shard < n_shards:
+        raise RapidinError(f"shard {shard} is outside 0…{n_shards - 1}")
+    bounds = np.linspace(0, n_samples, n_shards + 1).round().astype(int)
+    return int(bounds[shard]), int(bounds[shard + 1])
+
+
+@dataclass
+class CacheSettings:
+    """Everything the cached vectors depend on; stored in the store's attributes and checked on resume."""
+
+    compressor: str = "rapidgrad"
+    ks: tuple[int, ...] = (65536,)
+    seed: int = 0
+    dtype: str = "float16"
+    normalize: bool = True
+    modules: str | None = None
+
+
+def cache_gradients(
+    tokens: str,
+    model_path: str,
+    out: str,
+    settings: CacheSettings,
+    adapter: str | None = None,
+    shard: int = 0,
+    n_shards: int = 1,
+    batch_tokens: int = 8192,
+    device: str = "auto",
+    model_dtype: str = "auto",
+) -> None:
+    """Compute one shard's per-sample gradient vectors into a Zarr store at `out`."""
+    dataset = TokenizedDataset.open(tokens)
+    start, stop = shard_rows(len(dataset), shard, n_shards)
+    torch_device = resolve_device(device)
+    model, tokenizer = load_model(model_path, adapter, resolve_dtype(model_dtype, torch_device), torch_device)
+    if dataset.settings["tokenizer"] != tokenizer_fingerprint(tokenizer):
+        raise StoreMismatchError(f"{tokens} was tokenized with a different tokenizer than {model_path}'s")
+    modules = select_modules(model, settings.modules)
+    blocks = parameter_blocks(modules)
+    compressor = make_compressor(settings.compressor, blocks, list(settings.ks), settings.seed, settings.normalize)
+    stamp = {
+        "compressor": settings.compressor,
+        "ks": list(settings.ks) if settings.compressor == "rapidgrad" else [],
+        "seed": settings.seed,
+        "dtype": settings.dtype,
+        "normalize": settings.normalize,
+        "modules": settings.modules,
+        "model": files_fingerprint(model_path),
+        "adapter": files_fingerprint(adapter),
+        "tokenizer": dataset.settings["tokenizer"],
+        "template": dataset.settings["template"],
+        "max_length": dataset.settings["max_length"],
+        "parameters": blocks_fingerprint(blocks),
+        "n_parameter_tensors": len(blocks),
+        "D": compressor.dim,
+        "loss": "mean_response",
+        "rows": [start, stop],
+        "n_samples": len(dataset),
+    }
+    log.info("shard %d/%d: rows %d…%d, D=%d, arrays %s", shard, n_shards, start, stop, compressor.dim, compressor.arrays)
+    writer = _ResumableStore(out, stamp, compressor.arrays, np.arange(start, stop), STORE_DTYPES[settings.dtype])
+    with ThreadPoolExecutor(max_workers=1) as pool, tqdm(total=stop - start, desc=f"gradients {Path(out).name}") as bar:
+        pending = None
+        bar.update(writer.rows_done)
+        for chunk, rows in writer.remaining_chunks():
+            vectors = _chunk_gradients(model, modules, compressor, dataset, rows, batch_tokens, tokenizer.pad_token_id)
+            if pending is not None:
+                pending.result()
+            pending = pool.submit(writer.write_chunk, chunk, vectors)
+            bar.update(len(rows))
+        if pending is not None:
+            pending.result()
+    writer.publish()
+
+
+def _chunk_gradients(model, modules, compressor, dataset, rows, batch_tokens, pad_id) -> dict[str, np.ndarray]:
+    """Vectors for the given global rows, in row order: {array name: (len(rows), dim) float32}."""
+    device = next(model.parameters()).device
+    lengths = np.array([dataset.length(i) for i in rows])
+    result = {name: np.zeros((len(rows), dim), np.float32) for name, dim in compressor.arrays.items()}
+    for positions in token_budget_batches(lengths, batch_tokens):
+        batch = collate([dataset.sample(rows[p]) for p in positions], pad_id).to(device)
+        for name, vectors in sample_gradients(model, modules, compressor, batch, batch.mean_response_weights).items():
+            result[name][positions] = vectors.float().cpu().numpy()
+    return result
+
+
+class _ResumableStore:
+    """A shard store built in `<out>.partial`, chunk by chunk, with a done flag per chunk."""
+
+    def __init__(self, out: str, stamp: dict, arrays: dict[str, int], ids: np.ndarray, dtype):
+        self.out, self.partial = Path(out), Path(f"{out}.partial")
+        self.ids = ids
+        widest = max(arrays.values())
+        self.chunk_rows = max(1, min(len(ids), CHUNK_BYTES // (widest * np.dtype(dtype).itemsize)))
+        self.n_chunks = math.ceil(len(ids) / self.chunk_rows)
+        self.group = self._open_existing(stamp) or self._create(stamp, arrays, dtype)
+        self.done = self.group["done"][:]
+
+    def _open_existing(self, stamp: dict):
+        if not self.partial.exists():
+            return None
+        try:
+            group = zarr.open_group(self.partial, mode="r+")
+            previous = {k: v for k, v in group.attrs["rapidin"].items() if k != "rapidin_version"}
+            group["done"][:]
+        except Exception:  # an unreadable leftover from a killed job: start over
+            return None
+        if previous != stamp:
+            field = next(k for k in stamp if previous.get(k) != stamp[k])
+            log.warning("%s was made with %s=%r, now %r: starting over", self.partial, field, previous.get(field), stamp[field])
+            return None
+        log.info("resuming %s: %d of %d chunks done", self.partial, int(group["done"][:].sum()), self.n_chunks)
+        return group
+
+    def _create(self, stamp: dict, arrays: dict[str, int], dtype) -> zarr.Group:
+        shutil.rmtree(self.partial, ignore_errors=True)
+        group = zarr.open_group(self.partial, mode="w", zarr_format=3)
+        for name, dim in arrays.items():
+            group.create_array(name, shape=(len(self.ids), dim), chunks=(self.chunk_rows, dim), dtype=dtype, compressors=None)
+        group.create_array("ids", data=self.ids.astype(np.int64))
+        group.create_array("done", shape=(self.n_chunks,), dtype=bool, fill_value=False)
+        write_settings(group, stamp)
+        return group
+
+    @property
+    def rows_done(self) -> int:
+        return sum(len(self._rows(c)) for c in np.flatnonzero(self.done))
+
+    def _rows(self, chunk: int) -> np.ndarray:
+        return self.ids[chunk * self.chunk_rows : (chunk + 1) * self.chunk_rows]
+
+    def remaining_chunks(self):
+        for chunk in range(self.n_chunks):
+            if not self.done[chunk]:
+                yield chunk, self._rows(chunk)
+
+    def write_chunk(self, chunk: int, vectors: dict[str, np.ndarray]) -> None:
+        lo = chunk * self.chunk_rows
+        for name, values in vectors.items():
+            self.group[name][lo : lo + len(values)] = values
+        self.done[chunk] = True
+        self.group["done"][:] = self.done
+
+    def publish(self) -> None:
+        if self.out.exists():
+            shutil.rmtree(self.out)
+        os.replace(self.partial, self.out)

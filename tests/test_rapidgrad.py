@@ -1,0 +1,72 @@
+"""RapidGrad: a bijective, globally mixing permutation; unbiased inner products; blockwise == whole."""
+
+import numpy as np
+import pytest
+import torch
+
+from rapidin.errors import RapidinError
+from rapidin.rapidgrad import RapidGrad
+
+
+def test_permutation_is_a_bijection_and_signs_are_balanced():
+    sketch = RapidGrad(dim=1 << 16, ks=[1 << 8], seed=3)
+    position, sign = sketch.positions_and_signs(0, 1 << 16, "cpu")
+    assert torch.equal(position.sort().values, torch.arange(1 << 16))
+    assert sign.abs().eq(1).all() and sign.sum() == 0
+
+
+def test_buckets_draw_from_the_whole_vector():
+    """Each bucket's sources spread over every 1/16 of the input (the authors' shuffle is block-local)."""
+    dim, k = 1 << 20, 1 << 10
+    sketch = RapidGrad(dim, [k], seed=0)
+    position, _ = sketch.positions_and_signs(0, dim, "cpu")
+    bucket = sketch.buckets(position, k)
+    region = torch.arange(dim) // (dim // 16)
+    counts = torch.zeros(k, 16).index_put_((bucket, region), torch.ones(dim), accumulate=True)
+    assert counts.sum(1).eq(dim // k).all()  # every bucket sums exactly D/K inputs
+    assert (counts > 0).all(), "some bucket misses a region of the input"
+    expected = dim // k / 16  # 64 sources per region on average: chi-square against uniform
+    chi2 = ((counts - expected) ** 2 / expected).sum().item()
+    dof = k * 15
+    assert abs(chi2 - dof) < 5 * (2 * dof) ** 0.5
+
+
+def test_inner_products_are_unbiased():
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 3000, dtype=torch.float64, generator=generator)
+    x[1] = 0.6 * x[0] + 0.8 * x[1]
+    exact = (x[0] @ x[1]).item()
+    estimates = []
+    for seed in range(2000):
+        y = RapidGrad(3000, [256], seed)(x)[256]
+        estimates.append((y[0] @ y[1]).item())
+    mean, standard_error = np.mean(estimates), np.std(estimates) / np.sqrt(len(estimates))
+    assert abs(mean - exact) < 4 * standard_error
+    # variance matches the count-sketch formula (‖x‖²‖y‖² + ⟨x,y⟩² − 2Σx_i²y_i²)/K up to sampling noise
+    predicted = ((x[0] @ x[0]) * (x[1] @ x[1]) + exact**2 - 2 * (x[0] ** 2 @ x[1] ** 2)).item() / 256
+    assert np.var(estimates) == pytest.approx(predicted, rel=0.15)
+
+
+def test_blockwise_sketch_equals_whole_and_several_k_from_one_pass():
+    x = torch.randn(3, 1000, dtype=torch.float64)
+    sketch = RapidGrad(1000, [64, 256], seed=7)
+    whole = sketch(x)
+    parts = {k: torch.zeros(3, k, dtype=torch.float64) for k in (64, 256)}
+    for start in range(0, 1000, 300):
+        sketch.add_block(parts, x[:, start : start + 300], start)
+    for k in (64, 256):
+        torch.testing.assert_close(parts[k], whole[k])
+    # the coarser sketch is the finer one with neighbouring buckets summed
+    torch.testing.assert_close(whole[64], whole[256].reshape(3, 64, 4).sum(-1))
+
+
+def test_same_seed_same_sketch_other_seed_other_sketch():
+    x = torch.randn(2, 500, dtype=torch.float64)
+    assert torch.equal(RapidGrad(500, [64], 1)(x)[64], RapidGrad(500, [64], 1)(x)[64])
+    assert not torch.equal(RapidGrad(500, [64], 1)(x)[64], RapidGrad(500, [64], 2)(x)[64])
+
+
+@pytest.mark.parametrize("k", [1000, 2048])
+def test_bad_k_is_refused(k):
+    with pytest.raises(RapidinError, match="cache.k"):
+        RapidGrad(1024, [k], 0)
