@@ -1,0 +1,25 @@
+# The two commands of the README: `make demo` and `make test`. Both create .venv on first use.
+VENV := .venv
+BIN := $(CURDIR)/$(VENV)/bin
+export PATH := $(BIN):$(PATH)
+
+.PHONY: demo test lint bench clean
+
+$(VENV)/.installed: requirements.txt pyproject.toml
+	python3 -m venv $(VENV)
+	$(BIN)/pip install -q -r requirements.txt
+	$(BIN)/pip install -q --no-deps -e .
+	touch $@
+
+demo: $(VENV)/.installed  ## run the workflow on the embedded default (config/config.yaml)
+	$(BIN)/snakemake --cores all
+
+test: $(VENV)/.installed  ## the test suite (GPU tests skip without CUDA, cluster tests without root/Debian)
+	$(BIN)/python -m pytest
+
+lint: $(VENV)/.installed  ## ruff and snakemake --lint
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+	$(BIN)/snakemake --lint
+
+clean:
+	rm -rf results .snakemake
