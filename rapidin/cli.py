@@ -17,7 +17,9 @@ from rapidin.errors import RapidinError
 def _make_demo_data(args) -> None:
     from rapidin.demo import make_demo_data
 
-    make_demo_data(args.train_out, args.queries_out, args.n_train, args.poison_fraction, args.n_attacked, args.n_clean, args.seed)
+    make_demo_data(
+        args.train_out, args.queries_out, args.n_train, args.poison_fraction, args.n_attacked, args.n_clean, args.seed
+    )
 
 
 def _train_demo_model(args) -> None:
@@ -43,7 +45,9 @@ def _tokenize(args) -> None:
     from rapidin.model import load_tokenizer, tokenizer_fingerprint
 
     tokenizer = load_tokenizer(args.model)
-    tokenize_file(args.data, tokenizer, args.out, args.template, args.max_length, args.on_long, tokenizer_fingerprint(tokenizer))
+    tokenize_file(
+        args.data, tokenizer, args.out, args.template, args.max_length, args.on_long, tokenizer_fingerprint(tokenizer)
+    )
 
 
 def _grads(args) -> None:

@@ -35,7 +35,9 @@ class Compressor:
         raise NotImplementedError
 
     def start(self, batch_size: int, device, dtype=torch.float32) -> None:
-        self.outputs = {name: torch.zeros(batch_size, dim, device=device, dtype=dtype) for name, dim in self.arrays.items()}
+        self.outputs = {
+            name: torch.zeros(batch_size, dim, device=device, dtype=dtype) for name, dim in self.arrays.items()
+        }
         self._seen = set()
 
     def add_module(self, name: str, activations: torch.Tensor, grads: torch.Tensor) -> None:

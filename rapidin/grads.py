@@ -4,16 +4,13 @@ Store layout (Zarr v3 group): one array per compressor output, rows = samples (`
 `exact` for `compressor: none`), `ids` (global sample indices of the rows), `done` (one flag per row chunk),
 and `attrs["rapidin"]` with every setting the vectors depend on. Rows are computed chunk by chunk, each chunk
 in token-budgeted batches; a finished chunk is written by a background thread while the next one is
-computed. The store is built at `<out>.partial` and renamed to `<out>` when complete; a killed job rerun with
-the same settings resumes from the first chunk not marked done.
+computed. The store is resumable (store.ResumableStore): a killed job rerun with the same settings continues
+from the chunks not yet done.
 """
 
 from __future__ import annotations
 
 import logging
-import math
-import os
-import shutil
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +35,7 @@ from rapidin.model import (
     select_modules,
     tokenizer_fingerprint,
 )
-from rapidin.store import write_settings
+from rapidin.store import ResumableStore
 
 log = logging.getLogger(__name__)
 
@@ -135,20 +132,41 @@ def cache_gradients(
         "rows": [start, stop],
         "n_samples": len(dataset),
     }
-    log.info("shard %d/%d: rows %d…%d, D=%d, arrays %s", shard, n_shards, start, stop, compressor.dim, compressor.arrays)
-    writer = _ResumableStore(out, stamp, compressor.arrays, np.arange(start, stop), STORE_DTYPES[settings.dtype])
-    with ThreadPoolExecutor(max_workers=1) as pool, tqdm(total=stop - start, desc=f"gradients {Path(out).name}") as bar:
+    log.info(
+        "shard %d/%d: rows %d…%d, D=%d, arrays %s", shard, n_shards, start, stop, compressor.dim, compressor.arrays
+    )
+    ids = np.arange(start, stop)
+    dtype = STORE_DTYPES[settings.dtype]
+    chunk_rows = max(1, min(len(ids), CHUNK_BYTES // (max(compressor.arrays.values()) * np.dtype(dtype).itemsize)))
+    chunks = [ids[lo : lo + chunk_rows] for lo in range(0, len(ids), chunk_rows)]
+
+    def create(group: zarr.Group) -> None:
+        for name, dim in compressor.arrays.items():
+            group.create_array(name, shape=(len(ids), dim), chunks=(chunk_rows, dim), dtype=dtype, compressors=None)
+        group.create_array("ids", data=ids)
+
+    store = ResumableStore(out, stamp, len(chunks), create)
+
+    def write(chunk: int, vectors: dict[str, np.ndarray]) -> None:
+        lo = chunk * chunk_rows
+        for name, values in vectors.items():
+            store.group[name][lo : lo + len(values)] = values
+        store.mark_done(chunk)
+
+    todo = store.remaining()
+    with ThreadPoolExecutor(max_workers=1) as pool, tqdm(total=len(ids), desc=f"gradients {Path(out).name}") as bar:
+        bar.update(len(ids) - sum(len(chunks[c]) for c in todo))
         pending = None
-        bar.update(writer.rows_done)
-        for chunk, rows in writer.remaining_chunks():
+        for chunk in todo:
+            rows = chunks[chunk]
             vectors = _chunk_gradients(model, modules, compressor, dataset, rows, batch_tokens, tokenizer.pad_token_id)
             if pending is not None:
                 pending.result()
-            pending = pool.submit(writer.write_chunk, chunk, vectors)
+            pending = pool.submit(write, chunk, vectors)  # the next chunk is computed while this one is written
             bar.update(len(rows))
         if pending is not None:
             pending.result()
-    writer.publish()
+    store.publish()
 
 
 def _chunk_gradients(model, modules, compressor, dataset, rows, batch_tokens, pad_id) -> dict[str, np.ndarray]:
@@ -161,66 +179,3 @@ def _chunk_gradients(model, modules, compressor, dataset, rows, batch_tokens, pa
         for name, vectors in sample_gradients(model, modules, compressor, batch, batch.mean_response_weights).items():
             result[name][positions] = vectors.float().cpu().numpy()
     return result
-
-
-class _ResumableStore:
-    """A shard store built in `<out>.partial`, chunk by chunk, with a done flag per chunk."""
-
-    def __init__(self, out: str, stamp: dict, arrays: dict[str, int], ids: np.ndarray, dtype):
-        self.out, self.partial = Path(out), Path(f"{out}.partial")
-        self.ids = ids
-        widest = max(arrays.values())
-        self.chunk_rows = max(1, min(len(ids), CHUNK_BYTES // (widest * np.dtype(dtype).itemsize)))
-        self.n_chunks = math.ceil(len(ids) / self.chunk_rows)
-        self.group = self._open_existing(stamp) or self._create(stamp, arrays, dtype)
-        self.done = self.group["done"][:]
-
-    def _open_existing(self, stamp: dict):
-        if not self.partial.exists():
-            return None
-        try:
-            group = zarr.open_group(self.partial, mode="r+")
-            previous = {k: v for k, v in group.attrs["rapidin"].items() if k != "rapidin_version"}
-            group["done"][:]
-        except Exception:  # an unreadable leftover from a killed job: start over
-            return None
-        if previous != stamp:
-            field = next(k for k in stamp if previous.get(k) != stamp[k])
-            log.warning("%s was made with %s=%r, now %r: starting over", self.partial, field, previous.get(field), stamp[field])
-            return None
-        log.info("resuming %s: %d of %d chunks done", self.partial, int(group["done"][:].sum()), self.n_chunks)
-        return group
-
-    def _create(self, stamp: dict, arrays: dict[str, int], dtype) -> zarr.Group:
-        shutil.rmtree(self.partial, ignore_errors=True)
-        group = zarr.open_group(self.partial, mode="w", zarr_format=3)
-        for name, dim in arrays.items():
-            group.create_array(name, shape=(len(self.ids), dim), chunks=(self.chunk_rows, dim), dtype=dtype, compressors=None)
-        group.create_array("ids", data=self.ids.astype(np.int64))
-        group.create_array("done", shape=(self.n_chunks,), dtype=bool, fill_value=False)
-        write_settings(group, stamp)
-        return group
-
-    @property
-    def rows_done(self) -> int:
-        return sum(len(self._rows(c)) for c in np.flatnonzero(self.done))
-
-    def _rows(self, chunk: int) -> np.ndarray:
-        return self.ids[chunk * self.chunk_rows : (chunk + 1) * self.chunk_rows]
-
-    def remaining_chunks(self):
-        for chunk in range(self.n_chunks):
-            if not self.done[chunk]:
-                yield chunk, self._rows(chunk)
-
-    def write_chunk(self, chunk: int, vectors: dict[str, np.ndarray]) -> None:
-        lo = chunk * self.chunk_rows
-        for name, values in vectors.items():
-            self.group[name][lo : lo + len(values)] = values
-        self.done[chunk] = True
-        self.group["done"][:] = self.done
-
-    def publish(self) -> None:
-        if self.out.exists():
-            shutil.rmtree(self.out)
-        os.replace(self.partial, self.out)

@@ -36,7 +36,10 @@ class RapidGrad:
         rng = np.random.default_rng([seed, dim])
         mult_bits = min(self.bits, 62 - self.bits)
         self._keys = [
-            [(int(rng.integers(0, 1 << self.bits)), int(rng.integers(0, 1 << (mult_bits - 1))) * 2 + 1) for _ in range(ROUNDS)]
+            [
+                (int(rng.integers(0, 1 << self.bits)), int(rng.integers(0, 1 << (mult_bits - 1))) * 2 + 1)
+                for _ in range(ROUNDS)
+            ]
             for _ in ("permutation", "sign")
         ]
 

@@ -49,7 +49,9 @@ th { background: #f3f3f3; text-align: left; } .score { font-family: monospace; t
 """
 
 
-def write_report(topk: str, out: str, metrics: str | None = None, settings: dict | None = None, top_n: int = 10) -> None:
+def write_report(
+    topk: str, out: str, metrics: str | None = None, settings: dict | None = None, top_n: int = 10
+) -> None:
     """Render topk.jsonl (plus optional metrics.json and the run's settings) into one HTML file."""
     with open(topk, encoding="utf-8") as handle:
         queries = [json.loads(line) for line in handle]

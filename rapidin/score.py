@@ -7,6 +7,7 @@ the shards' columns together into `scores.zarr` (queries × training samples) an
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from pathlib import Path
@@ -19,12 +20,23 @@ from tqdm import tqdm
 from rapidin.data import read_records
 from rapidin.errors import RapidinError
 from rapidin.model import resolve_device
-from rapidin.store import atomic_dir, atomic_file, check_agree, read_settings, write_settings
+from rapidin.store import ResumableStore, atomic_dir, atomic_file, check_agree, read_settings, write_settings
 
 log = logging.getLogger(__name__)
 
 # Settings a query store and a cache must share for their inner products to mean anything.
-SHARED_FIELDS = ("model", "adapter", "tokenizer", "template", "parameters", "D", "compressor", "ks", "seed", "normalize")
+SHARED_FIELDS = (
+    "model",
+    "adapter",
+    "tokenizer",
+    "template",
+    "parameters",
+    "D",
+    "compressor",
+    "ks",
+    "seed",
+    "normalize",
+)
 
 
 def vector_array(settings: dict) -> str:
@@ -33,40 +45,67 @@ def vector_array(settings: dict) -> str:
 
 
 def score_shard(queries: str, cache: str, out: str, top_k: int, array: str | None = None, device: str = "auto") -> None:
-    """Scores of all queries against one cache shard, plus that shard's top-k and bottom-k per query."""
+    """Scores of all queries against one cache shard, plus that shard's top-k and bottom-k per query.
+
+    Each cache chunk is read into a preallocated fp32 buffer and multiplied with all queries at once; its
+    (Q, C) scores go straight to the output store, which is resumable chunk by chunk. Top-k is then a running
+    merge over the stored score chunks, so memory stays at O(Q · (chunk + k)) whatever the shard's size.
+    """
     query_settings, cache_settings = read_settings(queries), read_settings(cache)
     check_agree(query_settings, cache_settings, SHARED_FIELDS, queries, cache)
     array = array or vector_array(cache_settings)
     torch_device = resolve_device(device)
     query_vectors = torch.from_numpy(zarr.open_group(queries, mode="r")[array][:].astype(np.float32)).to(torch_device)
-    group = zarr.open_group(cache, mode="r")
-    rows, ids = group[array], group["ids"][:]
-    scores = stream_scores(query_vectors, rows, desc=f"scores {Path(cache).name}")
-    k = min(top_k, len(ids))
-    top = torch.topk(scores, k, dim=1)
-    bottom = torch.topk(scores, k, dim=1, largest=False)
-    with atomic_dir(out) as tmp:
-        result = zarr.open_group(tmp, mode="w", zarr_format=3)
-        result.create_array("scores", data=scores.numpy())
-        result.create_array("ids", data=ids)
-        result.create_array("top_ids", data=ids[top.indices.numpy()])
-        result.create_array("top_scores", data=top.values.numpy())
-        result.create_array("bottom_ids", data=ids[bottom.indices.numpy()])
-        result.create_array("bottom_scores", data=bottom.values.numpy())
-        write_settings(result, {**{f: cache_settings.get(f) for f in SHARED_FIELDS}, "array": array, "top_k": k})
-
-
-def stream_scores(queries: torch.Tensor, rows: zarr.Array, desc: str = "scores") -> torch.Tensor:
-    """(Q, N) = queries (Q, K) @ rows (N, K)ᵀ, reading `rows` one Zarr chunk at a time into an fp32 buffer."""
+    rows = zarr.open_group(cache, mode="r")[array]  # (N, K), chunked by rows
+    ids = zarr.open_group(cache, mode="r")["ids"][:]
     n, chunk_rows = rows.shape[0], rows.chunks[0]
-    scores = torch.empty(queries.shape[0], n, dtype=torch.float32)
-    buffer = torch.empty(chunk_rows, rows.shape[1], dtype=torch.float32)  # (C, K), reused
-    for lo in tqdm(range(0, n, chunk_rows), desc=desc, unit="chunk"):
-        hi = min(lo + chunk_rows, n)
+    n_queries, k = query_vectors.shape[0], min(top_k, n)
+    stamp = {
+        **{f: cache_settings.get(f) for f in SHARED_FIELDS},
+        "array": array,
+        "top_k": k,
+        "queries": _fingerprint(query_vectors),
+        "cache_rows": [int(ids[0]), int(ids[-1]) + 1],
+    }
+
+    def create(group: zarr.Group) -> None:
+        group.create_array(
+            "scores", shape=(n_queries, n), chunks=(n_queries, chunk_rows), dtype=np.float32, compressors=None
+        )
+        group.create_array("ids", data=ids)
+
+    store = ResumableStore(out, stamp, -(-n // chunk_rows), create)
+    buffer = torch.empty(chunk_rows, rows.shape[1], dtype=torch.float32)  # (C, K), reused for every chunk
+    for chunk in tqdm(store.remaining(), desc=f"scores {Path(cache).name}", unit="chunk"):
+        lo, hi = chunk * chunk_rows, min((chunk + 1) * chunk_rows, n)
         block = buffer[: hi - lo]
-        block.copy_(torch.from_numpy(rows[lo:hi]))
-        scores[:, lo:hi] = (queries @ block.to(queries.device).T).cpu()  # (Q, C)
-    return scores
+        block.copy_(torch.from_numpy(rows[lo:hi]))  # fp16 → fp32 conversion into the buffer
+        store.group["scores"][:, lo:hi] = (query_vectors @ block.to(torch_device).T).cpu().numpy()  # (Q, C)
+        store.mark_done(chunk)
+    for name, largest in (("top", True), ("bottom", False)):
+        positions, values = running_topk(store.group["scores"], k, largest)
+        store.group.create_array(f"{name}_ids", data=ids[positions], overwrite=True)
+        store.group.create_array(f"{name}_scores", data=values, overwrite=True)
+    store.publish()
+
+
+def _fingerprint(vectors: torch.Tensor) -> str:
+    return hashlib.sha256(vectors.cpu().numpy().tobytes()).hexdigest()[:16]
+
+
+def running_topk(scores: zarr.Array, k: int, largest: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Column positions and values (Q, k) of the k largest (or smallest) scores per row, read chunk by chunk."""
+    n_queries, n = scores.shape
+    step = scores.chunks[1]
+    best_values = torch.empty(n_queries, 0)
+    best_positions = torch.empty(n_queries, 0, dtype=torch.long)
+    for lo in range(0, n, step):
+        chunk = torch.from_numpy(scores[:, lo : lo + step])  # (Q, C)
+        values = torch.cat([best_values, chunk], dim=1)
+        positions = torch.cat([best_positions, torch.arange(lo, lo + chunk.shape[1]).expand(n_queries, -1)], dim=1)
+        top = torch.topk(values, min(k, values.shape[1]), dim=1, largest=largest, sorted=True)
+        best_values, best_positions = top.values, torch.gather(positions, 1, top.indices)
+    return best_positions.numpy(), best_values.numpy()
 
 
 def merge_scores(shards: list[str], train: str, queries: str, out_scores: str, out_topk: str) -> None:
@@ -78,11 +117,18 @@ def merge_scores(shards: list[str], train: str, queries: str, out_scores: str, o
     ids = np.concatenate([g["ids"][:] for g in groups])
     if not np.array_equal(ids, np.arange(len(ids))):
         raise RapidinError(f"score shards do not cover training samples 0…{len(ids) - 1} exactly once")
-    scores = np.concatenate([g["scores"][:] for g in groups], axis=1)  # (Q, N)
+    n_queries = groups[0]["scores"].shape[0]
     with atomic_dir(out_scores) as tmp:
         result = zarr.open_group(tmp, mode="w", zarr_format=3)
-        result.create_array("scores", data=scores, chunks=(min(len(scores), 64), min(scores.shape[1], 65536)))
-        write_settings(result, {**first, "n_queries": scores.shape[0], "n_samples": scores.shape[1]})
+        merged = result.create_array(
+            "scores", shape=(n_queries, len(ids)), chunks=(n_queries, groups[0]["scores"].chunks[1]), dtype=np.float32
+        )
+        for group in groups:  # one shard chunk at a time: memory stays O(Q · chunk)
+            shard_scores, offset = group["scores"], int(group["ids"][0])
+            for lo in range(0, shard_scores.shape[1], shard_scores.chunks[1]):
+                block = shard_scores[:, lo : lo + shard_scores.chunks[1]]
+                merged[:, offset + lo : offset + lo + block.shape[1]] = block
+        write_settings(result, {**first, "n_queries": n_queries, "n_samples": len(ids)})
     write_topk(groups, train, queries, out_topk)
 
 
@@ -97,14 +143,14 @@ def write_topk(groups: list[zarr.Group], train: str, queries: str, out: str) -> 
         order = np.argsort(-values if largest else values, axis=1, kind="stable")[:, :k]
         return np.take_along_axis(ids, order, 1), np.take_along_axis(values, order, 1)
 
-    top, bottom = best("top", True), best("bottom", False)
+    sides = {"helpful": best("top", True), "harmful": best("bottom", False)}
     with atomic_file(out) as handle:
         for q, record in enumerate(query_records):
-            line = {
-                "query": {"index": q, **describe(record, q)},
-                "helpful": [_ranked(train_records, i, s, r) for r, (i, s) in enumerate(zip(*(a[q] for a in top)), 1)],
-                "harmful": [_ranked(train_records, i, s, r) for r, (i, s) in enumerate(zip(*(a[q] for a in bottom)), 1)],
-            }
+            line = {"query": {"index": q, **describe(record, q)}}
+            for side, (ids, values) in sides.items():
+                line[side] = [
+                    _ranked(train_records, i, v, r) for r, (i, v) in enumerate(zip(ids[q], values[q], strict=True), 1)
+                ]
             handle.write(json.dumps(line, ensure_ascii=False) + "\n")
 
 

@@ -7,16 +7,20 @@ that the fields they must share agree and refuses with the first differing field
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import numpy as np
 import zarr
 
 from rapidin import __version__
 from rapidin.errors import StoreMismatchError
+
+log = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
@@ -65,3 +69,52 @@ def check_agree(a: dict, b: dict, fields: tuple[str, ...], a_name: str, b_name: 
                 f"{b_name} was made with {key}={b.get(key)!r} but {a_name} has {key}={a.get(key)!r}; "
                 f"rebuild it with the current settings"
             )
+
+
+class ResumableStore:
+    """A Zarr group built at `<out>.partial` chunk by chunk, each chunk flagged in `done` once written.
+
+    A job killed at any moment leaves the partial store behind; rerun with the same settings (`stamp`), it
+    continues from the chunks not yet done. Chunk writes are idempotent, so a chunk interrupted mid-write
+    is simply written again. `publish` renames the complete store to `<out>`.
+    """
+
+    def __init__(self, out: str | Path, stamp: dict, n_chunks: int, create: Callable[[zarr.Group], None]):
+        self.out, self.partial = Path(out), Path(f"{out}.partial")
+        self.group = self._reopen(stamp, n_chunks)
+        if self.group is None:
+            shutil.rmtree(self.partial, ignore_errors=True)
+            self.group = zarr.open_group(self.partial, mode="w", zarr_format=3)
+            create(self.group)
+            self.group.create_array("done", shape=(n_chunks,), dtype=bool, fill_value=False)
+            write_settings(self.group, stamp)
+        self.done = self.group["done"][:]
+
+    def _reopen(self, stamp: dict, n_chunks: int) -> zarr.Group | None:
+        if not self.partial.exists():
+            return None
+        try:
+            group = zarr.open_group(self.partial, mode="r+")
+            previous = {k: v for k, v in group.attrs["rapidin"].items() if k != "rapidin_version"}
+            done = group["done"][:]
+        except Exception:  # unreadable leftovers of a killed job: start over
+            log.warning("%s is unreadable: starting over", self.partial)
+            return None
+        if previous != stamp or len(done) != n_chunks:
+            differing = sorted(k for k in stamp.keys() | previous.keys() if previous.get(k) != stamp.get(k))
+            log.warning("%s was made with other settings (%s): starting over", self.partial, ", ".join(differing))
+            return None
+        log.info("resuming %s: %d of %d chunks done", self.partial, int(done.sum()), n_chunks)
+        return group
+
+    def remaining(self) -> list[int]:
+        return [int(chunk) for chunk in np.flatnonzero(~self.done)]
+
+    def mark_done(self, chunk: int) -> None:
+        self.done[chunk] = True
+        self.group["done"][:] = self.done
+
+    def publish(self) -> None:
+        if self.out.exists():
+            shutil.rmtree(self.out)
+        os.replace(self.partial, self.out)
