@@ -195,9 +195,7 @@ class TokenizedDataset:
     @classmethod
     def open(cls, path: str | Path) -> TokenizedDataset:
         group = zarr.open_group(path, mode="r")
-        return cls(
-            group["input_ids"][:], group["offsets"][:], group["response_start"][:], dict(group.attrs["rapidin"])
-        )
+        return cls(group["input_ids"][:], group["offsets"][:], group["response_start"][:], dict(group.attrs["rapidin"]))
 
     def __len__(self) -> int:
         return len(self.response_start)
