@@ -15,7 +15,11 @@ demo: $(VENV)/.installed  ## run the workflow on the embedded default (config/co
 	$(BIN)/snakemake --cores all
 
 test: $(VENV)/.installed  ## the test suite (GPU tests skip without CUDA, cluster tests without root/Debian)
+	sh tests/install-chromium.sh
 	$(BIN)/python -m pytest
+
+bench: $(VENV)/.installed  ## caching and scoring benchmarks (a few minutes on CPU; docs/benchmarks.md), not part of test
+	$(BIN)/python benchmarks/run.py $(BENCH_ARGS)
 
 lint: $(VENV)/.installed  ## ruff and snakemake --lint
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -1,7 +1,8 @@
 """`rapidin <step>`: one subcommand per workflow step. Flags carry the config keys' names.
 
 A user error (bad record, bad setting, mismatched store) ends the command with one line
-`rapidin: error: …` on stderr and exit status 2, leaving no output behind.
+`rapidin: error: …` on stderr and exit status 2, leaving no output behind; a failing file system (disk
+full, unreadable file) likewise, with exit status 1, leaving at most a resumable `<out>.partial` store.
 """
 
 from __future__ import annotations
@@ -52,8 +53,11 @@ def _tokenize(args) -> None:
 
 def _grads(args) -> None:
     from rapidin.grads import CacheSettings, cache_gradients
+    from rapidin.tokenwise import top_samples
 
-    settings = CacheSettings(args.compressor, tuple(args.k), args.seed, args.dtype, not args.no_normalize, args.modules)
+    settings = CacheSettings(
+        args.compressor, tuple(args.k), args.seed, args.dtype, not args.no_normalize, args.modules, args.rank
+    )
     cache_gradients(
         args.tokens,
         args.model,
@@ -65,6 +69,9 @@ def _grads(args) -> None:
         batch_tokens=args.batch_tokens,
         device=args.device,
         model_dtype=args.model_dtype,
+        chunk_rows=args.chunk_rows,
+        per_token=args.per_token,
+        samples=top_samples(args.topk, args.top_samples) if args.topk else None,
     )
 
 
@@ -77,7 +84,44 @@ def _score(args) -> None:
 def _merge(args) -> None:
     from rapidin.score import merge_scores
 
-    merge_scores(args.shards, args.train, args.queries, args.out_scores, args.out_topk)
+    merge_scores(args.shards, args.queries, args.out)
+
+
+def _topk(args) -> None:
+    from rapidin.score import write_topk
+
+    write_topk(args.scores, args.train, args.queries, args.out)
+
+
+def _complete_queries(args) -> None:
+    from rapidin.generate import complete_queries
+
+    complete_queries(
+        args.queries,
+        args.model,
+        args.out,
+        adapter=args.adapter,
+        template=args.template,
+        max_new_tokens=args.max_new_tokens,
+        do_sample=args.do_sample,
+        temperature=args.temperature,
+        seed=args.seed,
+    )
+
+
+def _tokenwise(args) -> None:
+    from rapidin.tokenwise import attribute_tokens
+
+    attribute_tokens(
+        args.topk,
+        args.token_scores,
+        args.queries,
+        args.query_tokens,
+        args.train_tokens,
+        args.model,
+        args.out,
+        args.top_samples,
+    )
 
 
 def _evaluate(args) -> None:
@@ -100,7 +144,17 @@ def _evaluate(args) -> None:
 def _report(args) -> None:
     from rapidin.report import write_report
 
-    write_report(args.topk, args.out, metrics=args.metrics, settings=json.loads(args.settings), top_n=args.top_n)
+    write_report(
+        args.topk,
+        args.out,
+        plots_dir=args.plots_dir,
+        scores=args.scores,
+        train=args.train,
+        tokens=args.tokens,
+        metrics=args.metrics,
+        settings=json.loads(args.settings),
+        top_n=args.top_n,
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -146,16 +200,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter")
     p.add_argument("--modules", help="regular expression on linear module names")
     p.add_argument("--out", required=True)
-    p.add_argument("--compressor", default="rapidgrad", choices=["rapidgrad", "none"])
+    p.add_argument("--compressor", default="rapidgrad", choices=["rapidgrad", "factored", "none"])
     p.add_argument("--k", type=int, nargs="+", default=[65536])
+    p.add_argument("--rank", type=int, default=16, help="per-side projection size of compressor factored")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="float16", choices=["float16", "float32"])
     p.add_argument("--no-normalize", action="store_true", help="skip layer-wise normalisation (plain TracIn)")
     p.add_argument("--shard", type=int, default=0)
     p.add_argument("--n-shards", type=int, default=1)
     p.add_argument("--batch-tokens", type=int, default=8192)
+    p.add_argument("--chunk-rows", type=int, help="rows written (and resumed) at a time (default: about 16 MiB)")
     p.add_argument("--device", default="auto")
     p.add_argument("--model-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16", "float64"])
+    p.add_argument("--per-token", action="store_true", help="one row per response token: that token's loss alone")
+    p.add_argument("--topk", help="with --per-token: only the top samples of the queries in this topk.jsonl")
+    p.add_argument("--top-samples", type=int, default=5, help="with --topk: how many helpful and harmful per query")
 
     p = step("score", _score, "scores of all queries against one cache shard, with that shard's top-k")
     p.add_argument("--queries", required=True)
@@ -165,12 +224,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--array", help="which vectors to score (default: exact, or the largest K)")
     p.add_argument("--device", default="auto")
 
-    p = step("merge", _merge, "merge shard scores into scores.zarr and topk.jsonl")
+    p = step("merge", _merge, "merge shard scores into one store, with each row's top-k and bottom-k")
     p.add_argument("--shards", nargs="+", required=True)
+    p.add_argument("--queries", required=True, help="the scored query store")
+    p.add_argument("--out", required=True)
+
+    p = step("topk", _topk, "topk.jsonl: per query, its most helpful and harmful samples with their texts")
+    p.add_argument("--scores", required=True)
     p.add_argument("--train", required=True)
     p.add_argument("--queries", required=True)
-    p.add_argument("--out-scores", required=True)
-    p.add_argument("--out-topk", required=True)
+    p.add_argument("--out", required=True)
+
+    p = step("complete-queries", _complete_queries, "copy the queries, generating the responses they lack")
+    p.add_argument("--queries", required=True)
+    p.add_argument("--model", required=True)
+    p.add_argument("--adapter")
+    p.add_argument("--out", required=True)
+    p.add_argument("--template", default="alpaca", choices=["alpaca", "chat"])
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+
+    p = step("tokenwise", _tokenwise, "tokens.jsonl: token-wise influence of each query's top samples")
+    p.add_argument("--topk", required=True)
+    p.add_argument("--token-scores", required=True)
+    p.add_argument("--queries", required=True, help="the query store")
+    p.add_argument("--query-tokens", required=True, help="the per-token query store")
+    p.add_argument("--train-tokens", required=True, help="the per-token store of the top training samples")
+    p.add_argument("--model", required=True, help="the model directory (for its tokenizer)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--top-samples", type=int, default=5)
 
     p = step("evaluate", _evaluate, "backdoor-retrieval metrics (auPRC/auROC at k, full AP, attack success rate)")
     p.add_argument("--scores", required=True)
@@ -181,9 +265,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter")
     p.add_argument("--template", default="alpaca", choices=["alpaca", "chat"])
 
-    p = step("report", _report, "the self-contained HTML report")
+    p = step("report", _report, "the self-contained HTML report, with its plots")
     p.add_argument("--topk", required=True)
     p.add_argument("--out", required=True)
+    p.add_argument("--plots-dir", required=True, help="folder for the plots (PNG) the report embeds")
+    p.add_argument("--scores", required=True, help="scores.zarr (score distributions)")
+    p.add_argument("--train", required=True, help="the training set (poisoned labels, when present)")
+    p.add_argument("--tokens", help="tokens.jsonl (token shading)")
     p.add_argument("--metrics")
     p.add_argument("--settings", default="{}", help="the run's settings, as a JSON object")
     p.add_argument("--top-n", type=int, default=10, help="samples shown per query and side")
@@ -206,6 +294,9 @@ def main(argv: list[str] | None = None) -> None:
     except RapidinError as error:
         print(f"rapidin: error: {error}", file=sys.stderr)
         sys.exit(2)
+    except OSError as error:  # the environment's fault, not a bug: no traceback either
+        print(f"rapidin: error: {error}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -2,12 +2,15 @@
 
 `snakemake --config cache='{k: 4096}'` hands nested values over as strings; each string whose key the
 schema types as non-string is parsed as YAML (so "4096" becomes 4096 and "null" None), and scalars where
-the schema wants a string become strings. Everything else is left for validation to judge.
+the schema wants a string become strings. Everything else is left for validation to judge: `check_schema`
+reports the first offending key in one line.
 """
 
 from __future__ import annotations
 
 import yaml
+from jsonschema.exceptions import best_match
+from jsonschema.validators import validator_for
 
 
 def _types(schema: dict) -> set[str]:
@@ -48,8 +51,19 @@ def coerce(value, schema: dict):
     return value
 
 
+def _load(schema_path: str) -> dict:
+    with open(schema_path, encoding="utf-8") as handle:
+        return yaml.safe_load(handle)
+
+
 def coerce_config(config: dict, schema_path: str) -> None:
     """Coerce a Snakemake config in place against the schema file."""
-    with open(schema_path, encoding="utf-8") as handle:
-        schema = yaml.safe_load(handle)
-    config.update(coerce(dict(config), schema))
+    config.update(coerce(dict(config), _load(schema_path)))
+
+
+def check_schema(config: dict, schema_path: str) -> None:
+    """Raise ValueError naming the first offending key in one line (Snakemake's own report dumps the schema)."""
+    schema = _load(schema_path)
+    error = best_match(validator_for(schema)(schema).iter_errors(config))
+    if error is not None:
+        raise ValueError(f"{'.'.join(map(str, error.absolute_path)) or 'config'}: {error.message}")

@@ -3,13 +3,16 @@
 A record is one JSON object per line: `instruction` (required), `input` (optional), `output` (the response;
 required for training data), `id` (optional, unique) and any other fields kept as metadata (`poisoned`,
 `attacked`, ...). Tokenization concatenates the prompt's ids and the response's ids (plus EOS), so the
-response boundary is exact; the loss is taken over the response tokens only.
+response boundary is exact; the loss is taken over the response tokens only — or, for a query with
+`"targets"` (words of its response, or `[start, end]` character spans), over the response tokens that overlap
+them (target-span queries; character offsets come from the fast tokenizer's offset mapping).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -123,11 +126,77 @@ def response_ids(text: str, tokenizer) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
 
 
+def response_offsets(text: str, tokenizer) -> list[tuple[int, int]]:
+    """Character [start, end) of each response token in `text` (EOS excluded), as `response_ids` tokenizes it."""
+    return tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+
+
+def response_pieces(text: str, tokenizer) -> list[str]:
+    """The response cut at its tokens' ends: one string per response token (EOS last, as the EOS string).
+
+    Pieces concatenate back to `text`; characters no token covers join the next piece, and a character split
+    over several byte-level tokens goes to the first of them (the others get "").
+    """
+    pieces, done = [], 0
+    for _, end in response_offsets(text, tokenizer):
+        pieces.append(text[done : max(done, end)])
+        done = max(done, end)
+    if pieces:
+        pieces[-1] += text[done:]
+    return [*pieces, tokenizer.eos_token]
+
+
+def target_spans(record: Record) -> list[tuple[int, int]] | None:
+    """Character spans of the response named by the record's `targets` (None: no targets, the whole response).
+
+    Each target is a word (every occurrence in the response counts) or a `[start, end]` character span.
+    """
+    targets = record.meta.get("targets")
+    if targets is None:
+        return None
+    if not isinstance(targets, list) or not targets:
+        raise DataError(f"{record.where}: 'targets' must be a non-empty list of words or [start, end] spans")
+    spans = []
+    for target in targets:
+        if isinstance(target, str) and target:
+            found = [(m.start(), m.end()) for m in re.finditer(re.escape(target), record.output)]
+            if not found:
+                raise DataError(f"{record.where}: target {target!r} not found in the response {record.output!r}")
+            spans += found
+        elif _is_span(target, len(record.output)):
+            spans.append((target[0], target[1]))
+        else:
+            raise DataError(
+                f"{record.where}: target {target!r} is neither a word nor a [start, end] character span of the "
+                f"response ({len(record.output)} characters)"
+            )
+    return spans
+
+
+def _is_span(target, length: int) -> bool:
+    return (
+        isinstance(target, list)
+        and len(target) == 2
+        and all(isinstance(x, int) and not isinstance(x, bool) for x in target)
+        and 0 <= target[0] < target[1] <= length
+    )
+
+
+def target_mask(record: Record, tokenizer) -> list[bool] | None:
+    """Per response token (EOS last): whether it overlaps the record's targets; None without targets."""
+    spans = target_spans(record)
+    if spans is None:
+        return None
+    offsets = response_offsets(record.output, tokenizer)
+    return [any(start < b and a < end for a, b in spans) for start, end in offsets] + [False]
+
+
 @dataclass
 class TokenizedSample:
     ids: list[int]
     response_start: int
     truncated: bool
+    loss_mask: list[bool]  # per token: whether its loss counts (response tokens, or only the targets')
 
 
 def tokenize_record(
@@ -135,9 +204,11 @@ def tokenize_record(
 ) -> TokenizedSample:
     """Prompt ids + response ids; samples over `max_length` are truncated at the end or rejected."""
     prompt = prompt_ids(record, tokenizer, template)
-    ids = prompt + response_ids(record.output, tokenizer)
+    response = response_ids(record.output, tokenizer)
+    ids = prompt + response
+    loss_mask = [False] * len(prompt) + (target_mask(record, tokenizer) or [True] * len(response))
     if len(ids) <= max_length:
-        return TokenizedSample(ids, len(prompt), False)
+        return TokenizedSample(ids, len(prompt), False, loss_mask)
     if on_long == "error":
         raise DataError(f"{record.where}: {len(ids)} tokens exceed data.max_length={max_length}")
     if len(prompt) >= max_length:
@@ -145,7 +216,9 @@ def tokenize_record(
             f"{record.where}: the prompt alone has {len(prompt)} tokens, no response fits in "
             f"data.max_length={max_length}"
         )
-    return TokenizedSample(ids[:max_length], len(prompt), True)
+    if not any(loss_mask[:max_length]):
+        raise DataError(f"{record.where}: no target token is left after truncation to data.max_length={max_length}")
+    return TokenizedSample(ids[:max_length], len(prompt), True, loss_mask[:max_length])
 
 
 def tokenize_file(
@@ -157,7 +230,7 @@ def tokenize_file(
     on_long: str = "truncate",
     tokenizer_fingerprint: str = "",
 ) -> None:
-    """Tokenize a JSONL file into a Zarr group: flat `input_ids`, `offsets` (N+1), `response_start` (N)."""
+    """Tokenize a JSONL file into a Zarr group: flat `input_ids`, `loss_mask`; `offsets` (N+1), `response_start` (N)."""
     records = read_records(source)
     samples = [tokenize_record(r, tokenizer, template, max_length, on_long) for r in records]
     n_truncated = sum(s.truncated for s in samples)
@@ -168,6 +241,7 @@ def tokenize_file(
     with atomic_dir(out) as tmp:
         group = zarr.open_group(tmp, mode="w", zarr_format=3)
         group.create_array("input_ids", data=np.concatenate([np.asarray(s.ids, np.int32) for s in samples]))
+        group.create_array("loss_mask", data=np.concatenate([np.asarray(s.loss_mask, bool) for s in samples]))
         group.create_array("offsets", data=offsets)
         group.create_array("response_start", data=np.asarray([s.response_start for s in samples], np.int32))
         write_settings(
@@ -185,17 +259,19 @@ def tokenize_file(
 
 @dataclass
 class TokenizedDataset:
-    """Read side of the tokenized store; `sample(i)` gives (ids, response_start)."""
+    """Read side of the tokenized store; `sample(i)` gives (ids, response_start), `loss_mask_of(i)` its loss mask."""
 
     input_ids: np.ndarray
     offsets: np.ndarray
     response_start: np.ndarray
     settings: dict
+    loss_mask: np.ndarray  # flat, like input_ids
 
     @classmethod
     def open(cls, path: str | Path) -> TokenizedDataset:
         group = zarr.open_group(path, mode="r")
-        return cls(group["input_ids"][:], group["offsets"][:], group["response_start"][:], dict(group.attrs["rapidin"]))
+        arrays = (group[name][:] for name in ("input_ids", "offsets", "response_start"))
+        return cls(*arrays, dict(group.attrs["rapidin"]), group["loss_mask"][:])
 
     def __len__(self) -> int:
         return len(self.response_start)
@@ -205,3 +281,7 @@ class TokenizedDataset:
 
     def length(self, index: int) -> int:
         return int(self.offsets[index + 1] - self.offsets[index])
+
+    def loss_mask_of(self, index: int) -> np.ndarray:
+        """(length,) bool: the tokens whose loss the sample's gradient averages."""
+        return self.loss_mask[self.offsets[index] : self.offsets[index + 1]]

@@ -10,6 +10,7 @@ from the chunks not yet done.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -18,24 +19,26 @@ from pathlib import Path
 import numpy as np
 import torch
 import zarr
+from torch.nn.utils.rnn import pad_sequence
 from tqdm import tqdm
 
 from rapidin.capture import ActivationGradientCapture
 from rapidin.compress import Compressor, make_compressor
 from rapidin.data import TokenizedDataset
+from rapidin.devices import job_device
 from rapidin.errors import RapidinError, StoreMismatchError
-from rapidin.loss import Batch, collate, weighted_loss
+from rapidin.loss import Batch, collate, mean_weights, weighted_loss
 from rapidin.model import (
     blocks_fingerprint,
     files_fingerprint,
     load_model,
     parameter_blocks,
-    resolve_device,
     resolve_dtype,
     select_modules,
     tokenizer_fingerprint,
 )
 from rapidin.store import ResumableStore
+from rapidin.tokenwise import TokenRows
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +92,7 @@ class CacheSettings:
     dtype: str = "float16"
     normalize: bool = True
     modules: str | None = None
+    rank: int = 16
 
 
 def cache_gradients(
@@ -102,20 +106,34 @@ def cache_gradients(
     batch_tokens: int = 8192,
     device: str = "auto",
     model_dtype: str = "auto",
+    chunk_rows: int | None = None,
+    per_token: bool = False,
+    samples: list[int] | None = None,
 ) -> None:
-    """Compute one shard's per-sample gradient vectors into a Zarr store at `out`."""
+    """Compute one shard's per-sample gradient vectors into a Zarr store at `out`.
+
+    Rows are computed, written and flagged done `chunk_rows` at a time (default: about 16 MiB of vectors).
+
+    With `per_token`, the rows are the response tokens of `samples` (default: every sample), each the gradient
+    of that token's loss alone (tokenwise.TokenRows), with their `sample_index` and `token_position`.
+    """
     dataset = TokenizedDataset.open(tokens)
+    if per_token:
+        dataset = TokenRows(dataset, samples)
     start, stop = shard_rows(len(dataset), shard, n_shards)
-    torch_device = resolve_device(device)
+    torch_device = job_device(device)  # with several GPUs, a leased one (devices.py)
     model, tokenizer = load_model(model_path, adapter, resolve_dtype(model_dtype, torch_device), torch_device)
     if dataset.settings["tokenizer"] != tokenizer_fingerprint(tokenizer):
         raise StoreMismatchError(f"{tokens} was tokenized with a different tokenizer than {model_path}'s")
     modules = select_modules(model, settings.modules)
     blocks = parameter_blocks(modules)
-    compressor = make_compressor(settings.compressor, blocks, list(settings.ks), settings.seed, settings.normalize)
+    compressor = make_compressor(
+        settings.compressor, blocks, list(settings.ks), settings.seed, settings.normalize, settings.rank
+    )
     stamp = {
         "compressor": settings.compressor,
         "ks": list(settings.ks) if settings.compressor == "rapidgrad" else [],
+        "rank": settings.rank if settings.compressor == "factored" else None,
         "seed": settings.seed,
         "dtype": settings.dtype,
         "normalize": settings.normalize,
@@ -128,24 +146,30 @@ def cache_gradients(
         "parameters": blocks_fingerprint(blocks),
         "n_parameter_tensors": len(blocks),
         "D": compressor.dim,
-        "loss": "mean_response",
+        "loss": "token" if per_token else "mean_response",
+        "samples": samples,
         "rows": [start, stop],
         "n_samples": len(dataset),
+        "tokens": tokens_fingerprint(dataset, range(start, stop)),
     }
     log.info(
         "shard %d/%d: rows %d…%d, D=%d, arrays %s", shard, n_shards, start, stop, compressor.dim, compressor.arrays
     )
     ids = np.arange(start, stop)
     dtype = STORE_DTYPES[settings.dtype]
-    chunk_rows = max(1, min(len(ids), CHUNK_BYTES // (max(compressor.arrays.values()) * np.dtype(dtype).itemsize)))
+    row_bytes = max(compressor.arrays.values()) * np.dtype(dtype).itemsize
+    chunk_rows = min(len(ids), chunk_rows or max(1, CHUNK_BYTES // row_bytes))
     chunks = [ids[lo : lo + chunk_rows] for lo in range(0, len(ids), chunk_rows)]
 
     def create(group: zarr.Group) -> None:
         for name, dim in compressor.arrays.items():
             group.create_array(name, shape=(len(ids), dim), chunks=(chunk_rows, dim), dtype=dtype, compressors=None)
         group.create_array("ids", data=ids)
+        if per_token:
+            group.create_array("sample_index", data=dataset.sample_index[start:stop])
+            group.create_array("token_position", data=dataset.token_position[start:stop])
 
-    store = ResumableStore(out, stamp, len(chunks), create)
+    store = ResumableStore(out, {**stamp, "chunk_rows": chunk_rows}, len(chunks), create)
 
     def write(chunk: int, vectors: dict[str, np.ndarray]) -> None:
         lo = chunk * chunk_rows
@@ -169,13 +193,28 @@ def cache_gradients(
     store.publish()
 
 
+def tokens_fingerprint(dataset, rows) -> str:
+    """A hash of the rows' token ids and loss masks: a partial store made from other data is not resumed."""
+    digest = hashlib.sha256()
+    for row in rows:
+        ids, _ = dataset.sample(row)
+        digest.update(np.int64(len(ids)).tobytes() + np.asarray(ids, np.int64).tobytes())
+        digest.update(np.asarray(dataset.loss_mask_of(row), bool).tobytes())
+    return digest.hexdigest()[:16]
+
+
 def _chunk_gradients(model, modules, compressor, dataset, rows, batch_tokens, pad_id) -> dict[str, np.ndarray]:
-    """Vectors for the given global rows, in row order: {array name: (len(rows), dim) float32}."""
+    """Vectors for the given global rows, in row order: {array name: (len(rows), dim) float32}.
+
+    Each row's gradient is that of its mean loss over its loss mask: the response, a query's targets, or one token.
+    """
     device = next(model.parameters()).device
     lengths = np.array([dataset.length(i) for i in rows])
     result = {name: np.zeros((len(rows), dim), np.float32) for name, dim in compressor.arrays.items()}
     for positions in token_budget_batches(lengths, batch_tokens):
         batch = collate([dataset.sample(rows[p]) for p in positions], pad_id).to(device)
-        for name, vectors in sample_gradients(model, modules, compressor, batch, batch.mean_response_weights).items():
+        masks = pad_sequence([torch.from_numpy(dataset.loss_mask_of(rows[p])) for p in positions], batch_first=True)
+        weights = mean_weights(masks.to(device))  # (B, T-1)
+        for name, vectors in sample_gradients(model, modules, compressor, batch, weights).items():
             result[name][positions] = vectors.float().cpu().numpy()
     return result

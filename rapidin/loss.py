@@ -27,8 +27,13 @@ class Batch:
     @property
     def mean_response_weights(self) -> torch.Tensor:
         """(B, T-1) weights that turn per-token losses into each sample's mean response loss."""
-        labels = self.target_mask[:, 1:].double()  # (B, T-1)
-        return labels / labels.sum(dim=1, keepdim=True).clamp(min=1)
+        return mean_weights(self.target_mask)
+
+
+def mean_weights(mask: torch.Tensor) -> torch.Tensor:
+    """(B, T-1) weights averaging each sample's per-token losses over the tokens marked in `mask` (B, T) bool."""
+    labels = mask[:, 1:].double()  # (B, T-1): the loss at t predicts token t+1
+    return labels / labels.sum(dim=1, keepdim=True).clamp(min=1)
 
 
 def collate(samples: list[tuple], pad_id: int) -> Batch:

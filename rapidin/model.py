@@ -83,7 +83,20 @@ def load_model(path: str, adapter: str | None = None, dtype: torch.dtype = torch
         raise RapidinError(f"model.path: {path} is not a causal LM: {_first_line(error)}") from None
     if adapter:
         model = _attach_adapter(model, adapter)
-    return model.to(device).eval(), tokenizer
+    model = model.to(device).eval()
+    _check_causal(model, path)
+    return model, tokenizer
+
+
+def _check_causal(model, path: str) -> None:
+    """Refuse a model whose predictions depend on later tokens (an encoder such as BERT loads as a "causal LM")."""
+    vocab = model.get_input_embeddings().num_embeddings
+    ids = torch.arange(8).remainder(vocab).repeat(2, 1)  # (2, 8): two sequences differing in the last token only
+    ids[1, -1] = (ids[1, -1] + 1) % vocab
+    with torch.no_grad():
+        logits = model(input_ids=ids.to(next(model.parameters()).device)).logits.float()
+    if not torch.allclose(logits[0, :-1], logits[1, :-1], rtol=1e-3, atol=1e-4):
+        raise RapidinError(f"model.path: {path} is not a causal LM: its predictions depend on later tokens")
 
 
 def _attach_adapter(model, adapter: str):
@@ -98,7 +111,11 @@ def _attach_adapter(model, adapter: str):
 
 
 def _first_line(error: Exception) -> str:
-    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    """The error's message on one line: its first line, with the next one where the first only announces it."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    return " ".join(lines[:2]) if lines[0].endswith(":") else lines[0]
 
 
 def select_modules(model: nn.Module, pattern: str | None = None) -> dict[str, nn.Linear]:

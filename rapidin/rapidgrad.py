@@ -5,6 +5,8 @@ multiply-by-odd, all modulo 2^b. It mixes globally (one output bucket draws from
 authors' reshape-permute, which is block-local when D is a power of two), costs no memory, is computed on the
 fly for any slice of indices on any device, and is the same on CPU and GPU and across torch versions: it is
 regenerated from (seed, D), never stored. Padding is implicit: padded entries are zero and never visited.
+Within a process, the positions and signs of each slice are kept once computed (9 bytes per entry, up to
+CACHE_BYTES; beyond that they are recomputed), since the same blocks come back every batch.
 
 Since the sketch S is linear, a gradient can be sketched block by block: S(x) = Σ_blocks S(x_block), and a
 layer-wise-normalised block is sketched as S(x_block) / ‖x_block‖.
@@ -20,6 +22,7 @@ import torch
 from rapidin.errors import RapidinError
 
 ROUNDS = 4
+CACHE_BYTES = 1 << 30
 
 
 class RapidGrad:
@@ -42,31 +45,46 @@ class RapidGrad:
             ]
             for _ in ("permutation", "sign")
         ]
+        self._cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._cached_bytes = 0
 
     def _mix(self, x: torch.Tensor, keys) -> torch.Tensor:
         """A keyed bijection of b-bit integers (int64 tensor in, int64 tensor out)."""
         mask, shift = (1 << self.bits) - 1, max(1, self.bits // 2)
+        x = x.clone()  # then in place: 2.5× faster on CPU than a new tensor per step
         for add, multiply in keys:
-            x = (x + add) & mask
-            x = x ^ (x >> shift)
-            x = (x * multiply) & mask
-        return x ^ (x >> shift)
+            x.add_(add).bitwise_and_(mask)
+            x.bitwise_xor_(x >> shift)
+            x.mul_(multiply).bitwise_and_(mask)
+        return x.bitwise_xor_(x >> shift)
 
     def positions_and_signs(self, start: int, length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         """Permuted positions (int64) and ±1 signs (int8) of input indices start … start+length-1."""
+        key = (start, length, torch.device(device))
+        if key in self._cache:
+            return self._cache[key]
         index = torch.arange(start, start + length, dtype=torch.int64, device=device)
         position = self._mix(index, self._keys[0])
         sign = 1 - 2 * (self._mix(position, self._keys[1]) & 1).to(torch.int8)
+        if self._cached_bytes + 9 * length <= CACHE_BYTES:
+            self._cache[key] = position, sign
+            self._cached_bytes += 9 * length
         return position, sign
 
     def buckets(self, position: torch.Tensor, k: int) -> torch.Tensor:
         """Output bucket of each permuted position: consecutive groups of 2^b / k positions."""
         return position >> (self.bits - int(math.log2(k)))
 
-    def add_block(self, outputs: dict[int, torch.Tensor], values: torch.Tensor, start: int) -> None:
-        """Sketch a (B, n) slice of the gradient, which sits at indices start … start+n-1, into outputs[k] (B, k)."""
+    def add_block(
+        self, outputs: dict[int, torch.Tensor], values: torch.Tensor, start: int, overwrite: bool = False
+    ) -> None:
+        """Sketch a (B, n) slice of the gradient, which sits at indices start … start+n-1, into outputs[k] (B, k).
+
+        With `overwrite`, `values` is multiplied by the signs in place: no (B, n) copy, for callers that own it.
+        """
         position, sign = self.positions_and_signs(start, values.shape[1], values.device)
-        signed = values * sign.to(values.dtype)  # (B, n)
+        sign = sign.to(values.dtype)
+        signed = values.mul_(sign) if overwrite else values * sign  # (B, n)
         for k in self.ks:
             outputs[k].index_add_(1, self.buckets(position, k), signed)
 

@@ -2,7 +2,9 @@
 
 Per shard, each cache chunk is converted into a preallocated fp32 buffer and multiplied with all queries at
 once (one GEMM per chunk, fp32 accumulation), so memory is bounded by a chunk whatever N is. Merging puts
-the shards' columns together into `scores.zarr` (queries × training samples) and `topk.jsonl`.
+the shards' columns together into one store (rows × training samples, with each row's top-k and bottom-k);
+the rows are queries (`scores.zarr`, then `topk.jsonl` with the texts) or, for a per-token query store,
+(query, response token) pairs (`token_scores.zarr`, with `query_index` and `token_position` per row).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from tqdm import tqdm
 
 from rapidin.data import read_records
 from rapidin.errors import RapidinError
-from rapidin.model import resolve_device
+from rapidin.devices import job_device
 from rapidin.store import ResumableStore, atomic_dir, atomic_file, check_agree, read_settings, write_settings
 
 log = logging.getLogger(__name__)
@@ -34,14 +36,18 @@ SHARED_FIELDS = (
     "D",
     "compressor",
     "ks",
+    "rank",
     "seed",
     "normalize",
 )
 
 
+SIDES = {"helpful": "top", "harmful": "bottom"}  # topk.jsonl's sides and the arrays they come from
+
+
 def vector_array(settings: dict) -> str:
-    """The array scored by default: the exact gradients, or the largest K."""
-    return "exact" if settings["compressor"] == "none" else f"k{max(settings['ks'])}"
+    """The array scored by default: the exact gradients, the factored sketch, or the largest K."""
+    return {"none": "exact", "factored": "factored"}.get(settings["compressor"]) or f"k{max(settings['ks'])}"
 
 
 def score_shard(queries: str, cache: str, out: str, top_k: int, array: str | None = None, device: str = "auto") -> None:
@@ -54,7 +60,7 @@ def score_shard(queries: str, cache: str, out: str, top_k: int, array: str | Non
     query_settings, cache_settings = read_settings(queries), read_settings(cache)
     check_agree(query_settings, cache_settings, SHARED_FIELDS, queries, cache)
     array = array or vector_array(cache_settings)
-    torch_device = resolve_device(device)
+    torch_device = job_device(device)  # with several GPUs, a leased one
     query_vectors = torch.from_numpy(zarr.open_group(queries, mode="r")[array][:].astype(np.float32)).to(torch_device)
     rows = zarr.open_group(cache, mode="r")[array]  # (N, K), chunked by rows
     ids = zarr.open_group(cache, mode="r")["ids"][:]
@@ -66,6 +72,8 @@ def score_shard(queries: str, cache: str, out: str, top_k: int, array: str | Non
         "top_k": k,
         "queries": _fingerprint(query_vectors),
         "cache_rows": [int(ids[0]), int(ids[-1]) + 1],
+        "cache_tokens": cache_settings.get("tokens"),
+        "chunk_rows": chunk_rows,
     }
 
     def create(group: zarr.Group) -> None:
@@ -108,8 +116,12 @@ def running_topk(scores: zarr.Array, k: int, largest: bool) -> tuple[np.ndarray,
     return best_positions.numpy(), best_values.numpy()
 
 
-def merge_scores(shards: list[str], train: str, queries: str, out_scores: str, out_topk: str) -> None:
-    """Concatenate shard scores into scores.zarr (queries × samples) and write topk.jsonl with texts."""
+def merge_scores(shards: list[str], queries: str, out: str) -> None:
+    """Concatenate shard scores into one store at `out` (rows × samples) with the top-k and bottom-k per row.
+
+    `queries` is the scored query store: a per-token one (arrays `sample_index`, `token_position`) gives each
+    row's `query_index` and `token_position`.
+    """
     groups = [zarr.open_group(s, mode="r") for s in shards]
     first = dict(groups[0].attrs["rapidin"])
     for shard, group in zip(shards[1:], groups[1:], strict=True):
@@ -118,7 +130,9 @@ def merge_scores(shards: list[str], train: str, queries: str, out_scores: str, o
     if not np.array_equal(ids, np.arange(len(ids))):
         raise RapidinError(f"score shards do not cover training samples 0…{len(ids) - 1} exactly once")
     n_queries = groups[0]["scores"].shape[0]
-    with atomic_dir(out_scores) as tmp:
+    k = groups[0].attrs["rapidin"]["top_k"]
+    query_store = zarr.open_group(queries, mode="r")
+    with atomic_dir(out) as tmp:
         result = zarr.open_group(tmp, mode="w", zarr_format=3)
         merged = result.create_array(
             "scores", shape=(n_queries, len(ids)), chunks=(n_queries, groups[0]["scores"].chunks[1]), dtype=np.float32
@@ -128,22 +142,23 @@ def merge_scores(shards: list[str], train: str, queries: str, out_scores: str, o
             for lo in range(0, shard_scores.shape[1], shard_scores.chunks[1]):
                 block = shard_scores[:, lo : lo + shard_scores.chunks[1]]
                 merged[:, offset + lo : offset + lo + block.shape[1]] = block
+        for name, largest in (("top", True), ("bottom", False)):
+            candidates = np.concatenate([g[f"{name}_ids"][:] for g in groups], axis=1)  # (Q, shards·k)
+            values = np.concatenate([g[f"{name}_scores"][:] for g in groups], axis=1)
+            order = np.argsort(-values if largest else values, axis=1, kind="stable")[:, :k]
+            result.create_array(f"{name}_ids", data=np.take_along_axis(candidates, order, 1))
+            result.create_array(f"{name}_scores", data=np.take_along_axis(values, order, 1))
+        if "sample_index" in query_store:
+            result.create_array("query_index", data=query_store["sample_index"][:])
+            result.create_array("token_position", data=query_store["token_position"][:])
         write_settings(result, {**first, "n_queries": n_queries, "n_samples": len(ids)})
-    write_topk(groups, train, queries, out_topk)
 
 
-def write_topk(groups: list[zarr.Group], train: str, queries: str, out: str) -> None:
+def write_topk(scores: str, train: str, queries: str, out: str) -> None:
     """One JSON line per query: the query and its top-k helpful (highest) and harmful (lowest) samples."""
     train_records, query_records = read_records(train), read_records(queries, require_output=False)
-    k = groups[0].attrs["rapidin"]["top_k"]
-
-    def best(name: str, largest: bool) -> tuple[np.ndarray, np.ndarray]:
-        ids = np.concatenate([g[f"{name}_ids"][:] for g in groups], axis=1)  # (Q, shards·k)
-        values = np.concatenate([g[f"{name}_scores"][:] for g in groups], axis=1)
-        order = np.argsort(-values if largest else values, axis=1, kind="stable")[:, :k]
-        return np.take_along_axis(ids, order, 1), np.take_along_axis(values, order, 1)
-
-    sides = {"helpful": best("top", True), "harmful": best("bottom", False)}
+    group = zarr.open_group(scores, mode="r")
+    sides = {side: (group[f"{name}_ids"][:], group[f"{name}_scores"][:]) for side, name in SIDES.items()}
     with atomic_file(out) as handle:
         for q, record in enumerate(query_records):
             line = {"query": {"index": q, **describe(record, q)}}

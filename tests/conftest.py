@@ -1,10 +1,17 @@
 """Shared fixtures: tiny models built in code (no downloads), fp64 where results are compared to exact ones."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from rapidin.data import tokenize_file
+from rapidin.demo import make_demo_data, train_tokenizer
 from rapidin.loss import collate
+from rapidin.model import load_tokenizer, tokenizer_fingerprint
+
+from .workflow import copy_workflow, snakemake
 
 
 def tiny_llama(dtype=torch.float64, seed: int = 0, vocab: int = 61, hidden: int = 16) -> LlamaForCausalLM:
@@ -37,6 +44,38 @@ def random_samples(n: int, seed: int = 0, vocab: int = 61, lengths=(5, 19)) -> l
 @pytest.fixture
 def model64():
     return tiny_llama()
+
+
+def error_line(capsys) -> str:
+    """The one `rapidin: error:` line a refused command wrote, which must end its stderr."""
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert sum(line.startswith("rapidin: error:") for line in lines) == 1 and lines[-1].startswith("rapidin: error:")
+    return lines[-1]
+
+
+@pytest.fixture(scope="session")
+def model_and_tokens(tmp_path_factory) -> Path:
+    """Demo data (train.jsonl, queries.jsonl), an untrained tiny Llama with its own tokenizer (model/) and the
+    data tokenized with it (tokens/{train,queries}.zarr), built in seconds."""
+    root = tmp_path_factory.mktemp("model_and_tokens")
+    make_demo_data(root / "train.jsonl", root / "queries.jsonl", n_train=300, n_attacked=3, n_clean=2)
+    tokenizer = train_tokenizer((root / "train.jsonl").read_text().splitlines(), vocab_size=300, max_length=1024)
+    tiny_llama(torch.float32, vocab=len(tokenizer), hidden=32).save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    tokenizer = load_tokenizer(str(root / "model"))
+    for split in ("train", "queries"):
+        out = root / f"tokens/{split}.zarr"
+        tokenize_file(root / f"{split}.jsonl", tokenizer, out, tokenizer_fingerprint=tokenizer_fingerprint(tokenizer))
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """The tiny config run once per test session, end to end, in a temporary copy of the workflow."""
+    workdir = copy_workflow(tmp_path_factory.mktemp("tiny"))
+    result = snakemake(workdir, "--configfile", "config/tiny.yaml")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return workdir / "results" / "tiny"
 
 
 @pytest.fixture

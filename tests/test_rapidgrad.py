@@ -68,5 +68,5 @@ def test_same_seed_same_sketch_other_seed_other_sketch():
 
 @pytest.mark.parametrize("k", [1000, 2048])
 def test_bad_k_is_refused(k):
-    with pytest.raises(RapidinError, match="cache.k"):
+    with pytest.raises(RapidinError, match=r"cache\.k"):
         RapidGrad(1024, [k], 0)

@@ -11,15 +11,6 @@ from .workflow import copy_workflow, rapidin, snakemake
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    """The tiny config run once, end to end, in a temporary copy of the workflow."""
-    workdir = copy_workflow(tmp_path_factory.mktemp("tiny"))
-    result = snakemake(workdir, "--configfile", "config/tiny.yaml")
-    assert result.returncode == 0, result.stderr[-3000:]
-    return workdir / "results" / "tiny"
-
-
 def test_default_config_dry_run(tmp_path):
     result = snakemake(copy_workflow(tmp_path), "--dry-run")
     assert result.returncode == 0, result.stderr[-2000:]

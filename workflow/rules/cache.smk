@@ -11,6 +11,8 @@ rule cache_train_grads:
         flags=grads_flags(),
         n_shards=config["cache"]["n_shards"],
     threads: max(1, workflow.cores // config["cache"]["n_shards"])
+    resources:
+        gpu=1,  # at most --resources gpu=N such jobs at once; each leases its own GPU
     log:
         "results/{name}/logs/cache_train_grads/{shard}.log",
     benchmark:
@@ -29,6 +31,8 @@ rule cache_query_grads:
     params:
         flags=grads_flags(),
     threads: workflow.cores
+    resources:
+        gpu=1,  # at most --resources gpu=N such jobs at once; each leases its own GPU
     log:
         "results/{name}/logs/cache_query_grads.log",
     shell:

@@ -13,6 +13,17 @@ KS = config["cache"]["k"] if isinstance(config["cache"]["k"], list) else [config
 wildcard_constraints:
     shard=r"\d{5}",
     split="train|queries",
+    token="|token_",  # "" for one row per query, "token_" for one row per query response token
+
+
+# Small steps run where snakemake runs, never as cluster jobs.
+localrules:
+    make_demo_data,
+    tokenize_dataset,
+    merge_scores,
+    write_topk,
+    attribute_tokens,
+    write_report,
 
 
 def check_config():
@@ -41,12 +52,10 @@ def model_inputs(wildcards):
 
 
 def model_flags():
-    """CLI flags selecting the model, its adapter and the gradient space."""
+    """CLI flags selecting the model and its adapter."""
     flags = f"--model {model_dir()}"
     if config["model"]["adapter"]:
         flags += f" --adapter {config['model']['adapter']}"
-    if config["model"]["modules"]:
-        flags += f" --modules '{config['model']['modules']}'"
     return flags
 
 
@@ -55,13 +64,32 @@ def grads_flags():
     cache = config["cache"]
     flags = (
         f"{model_flags()} --compressor {cache['compressor']} --k {' '.join(map(str, KS))} --seed {cache['seed']}"
+        f" --rank {cache['rank']}"
         f" --dtype {cache['dtype']} --batch-tokens {cache['batch_tokens']} --model-dtype {config['model']['dtype']}"
     )
+    if cache["chunk_rows"]:
+        flags += f" --chunk-rows {cache['chunk_rows']}"
+    if config["model"]["modules"]:
+        flags += f" --modules '{config['model']['modules']}'"
     return flags if cache["normalize"] else f"{flags} --no-normalize"
 
 
 def data_path(wildcards):
-    return config["data"][wildcards.split]
+    """The training set, or the queries with their missing responses generated (rule complete_queries)."""
+    return config["data"]["train"] if wildcards.split == "train" else f"results/{wildcards.name}/queries.jsonl"
+
+
+def report_inputs(wildcards):
+    """What the report shows: token shading too when token-wise influence is on."""
+    inputs = {
+        "topk": f"results/{wildcards.name}/influence/topk.jsonl",
+        "scores": f"results/{wildcards.name}/influence/scores.zarr",
+        "metrics": f"results/{wildcards.name}/metrics.json",
+        "train": config["data"]["train"],
+    }
+    if config["tokenwise"]["enabled"]:
+        inputs["tokens"] = f"results/{wildcards.name}/influence/tokens.jsonl"
+    return inputs
 
 
 def run_settings():
@@ -80,14 +108,42 @@ def run_settings():
             "layer-wise normalisation": config["cache"]["normalize"],
             "train": config["data"]["train"],
             "queries": config["data"]["queries"],
+            "generation (queries without a response)": generation_settings(),
+            "token-wise samples per query and side": (
+                config["tokenwise"]["top_samples"] if config["tokenwise"]["enabled"] else None
+            ),
         }
     )
 
 
+def generate_flags():
+    """CLI flags of how responses missing from the queries are generated."""
+    generate = config["generate"]
+    flags = f"--max-new-tokens {generate['max_new_tokens']} --temperature {generate['temperature']}"
+    flags += f" --seed {generate['seed']} --template {config['data']['template']}"
+    return f"{flags} --do-sample" if generate["do_sample"] else flags
+
+
+def tokens_flag(wildcards, input):
+    """The report's --tokens flag, when token-wise influence is among its inputs."""
+    return f"--tokens {input.tokens}" if "tokens" in input.keys() else ""
+
+
+def generation_settings():
+    """How responses missing from the queries are generated, in words."""
+    generate = config["generate"]
+    decoding = f"sampling at temperature {generate['temperature']}" if generate["do_sample"] else "greedy"
+    return f"{decoding}, at most {generate['max_new_tokens']} new tokens, seed {generate['seed']}"
+
+
 def final_outputs():
-    return [
+    outputs = [
+        f"{RESULTS}/queries.jsonl",
         f"{RESULTS}/influence/scores.zarr",
         f"{RESULTS}/influence/topk.jsonl",
         f"{RESULTS}/metrics.json",
         f"{RESULTS}/report/index.html",
     ]
+    if config["tokenwise"]["enabled"]:
+        outputs += [f"{RESULTS}/influence/token_scores.zarr", f"{RESULTS}/influence/tokens.jsonl"]
+    return outputs

@@ -21,8 +21,7 @@ rule make_demo_data:
 
 rule train_demo_model:
     input:
-        train=config["data"]["train"],
-        queries=config["data"]["queries"],
+        train=config["data"]["train"],  # not the queries: adding one must not retrain the model
     output:
         model=directory("results/{name}/demo_model"),
     params:
@@ -33,7 +32,7 @@ rule train_demo_model:
     benchmark:
         "results/{name}/benchmarks/train_demo_model.tsv"
     shell:
-        "{RAPIDIN} --threads {threads} train-demo-model --train {input.train} --queries {input.queries}"
+        "{RAPIDIN} --threads {threads} train-demo-model --train {input.train}"
         " --out {output.model} --vocab-size {params.demo[vocab_size]} --hidden-size {params.demo[hidden_size]}"
         " --n-layers {params.demo[n_layers]} --n-heads {params.demo[n_heads]}"
         " --intermediate-size {params.demo[intermediate_size]} --max-length {params.demo[max_length]}"

@@ -1,19 +1,22 @@
-# Scores: all queries against each cache shard (one job per shard), then merged with the top-k texts.
+# Scores: all queries against each cache shard (one job per shard), merged, then the top-k with their texts.
+# The same rules score the per-token query store: wildcard `token` is "" (queries) or "token_" (query tokens).
 
 
 rule score_shard:
     input:
-        queries="results/{name}/cache/queries.zarr",
+        queries="results/{name}/cache/{token}queries.zarr",
         cache="results/{name}/cache/train/{shard}.zarr",
     output:
-        scores=directory("results/{name}/scores/{shard}.zarr"),
+        scores=directory("results/{name}/scores/{token}{shard}.zarr"),
     params:
         top_k=config["score"]["top_k"],
     threads: max(1, workflow.cores // config["cache"]["n_shards"])
+    resources:
+        gpu=1,  # at most --resources gpu=N such jobs at once; each leases its own GPU
     log:
-        "results/{name}/logs/score_shard/{shard}.log",
+        "results/{name}/logs/score_shard/{token}{shard}.log",
     benchmark:
-        "results/{name}/benchmarks/score_shard/{shard}.tsv"
+        "results/{name}/benchmarks/score_shard/{token}{shard}.tsv"
     shell:
         "{RAPIDIN} --threads {threads} score --queries {input.queries} --cache {input.cache} --out {output.scores}"
         " --top-k {params.top_k} 2>&1 | tee {log}"
@@ -21,18 +24,29 @@ rule score_shard:
 
 rule merge_scores:
     input:
-        shards=expand("results/{{name}}/scores/{shard}.zarr", shard=SHARDS),
-        train=config["data"]["train"],
-        queries=config["data"]["queries"],
+        shards=expand("results/{{name}}/scores/{{token}}{shard}.zarr", shard=SHARDS),
+        queries="results/{name}/cache/{token}queries.zarr",
     output:
-        scores=directory("results/{name}/influence/scores.zarr"),
+        scores=directory("results/{name}/influence/{token}scores.zarr"),
+    log:
+        "results/{name}/logs/merge_scores/{token}scores.log",
+    shell:
+        "{RAPIDIN} merge --shards {input.shards} --queries {input.queries} --out {output.scores} 2>&1 | tee {log}"
+
+
+rule write_topk:
+    input:
+        scores="results/{name}/influence/scores.zarr",
+        train=config["data"]["train"],
+        queries="results/{name}/queries.jsonl",
+    output:
         topk=report(
             "results/{name}/influence/topk.jsonl",
             caption="../report/topk.rst",
             category="Influence",
         ),
     log:
-        "results/{name}/logs/merge_scores.log",
+        "results/{name}/logs/write_topk.log",
     shell:
-        "{RAPIDIN} merge --shards {input.shards} --train {input.train} --queries {input.queries}"
-        " --out-scores {output.scores} --out-topk {output.topk} 2>&1 | tee {log}"
+        "{RAPIDIN} topk --scores {input.scores} --train {input.train} --queries {input.queries} --out {output.topk}"
+        " 2>&1 | tee {log}"

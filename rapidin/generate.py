@@ -1,0 +1,104 @@
+"""Generation: whether a model greedily reproduces a record's response (e.g. a backdoor firing), and the
+responses of queries given without one (the generations then explained)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import torch
+
+from rapidin.data import Record, prompt_ids, read_records, target_spans
+from rapidin.devices import job_device
+from rapidin.errors import DataError
+from rapidin.model import load_model, resolve_dtype
+from rapidin.store import atomic_file
+
+
+@torch.inference_mode()
+def greedy_generate(model, tokenizer, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+    """Greedy continuation of `prompt_ids`: only the new tokens, stopping before EOS."""
+    device = next(model.parameters()).device
+    input_ids = torch.tensor([prompt_ids], dtype=torch.long, device=device)
+    output = model.generate(
+        input_ids=input_ids,
+        attention_mask=torch.ones_like(input_ids),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    new = output[0, len(prompt_ids) :].tolist()
+    return new[: new.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in new else new
+
+
+def reproduces(model, tokenizer, record: Record, template: str = "alpaca") -> bool:
+    """Whether the greedy generation for the record's prompt starts with its response (stripped strings)."""
+    expected = record.output.strip()
+    budget = len(tokenizer(record.output, add_special_tokens=False)["input_ids"]) + 8
+    generated = greedy_generate(model, tokenizer, prompt_ids(record, tokenizer, template), budget)
+    return tokenizer.decode(generated, skip_special_tokens=True).strip().startswith(expected)
+
+
+def attack_success_rate(model, tokenizer, records: list[Record], template: str = "alpaca") -> float:
+    """Fraction of `records` whose response the model reproduces greedily (0.0 for no records)."""
+    if not records:
+        return 0.0
+    return sum(reproduces(model, tokenizer, record, template) for record in records) / len(records)
+
+
+@torch.inference_mode()
+def generate_response(
+    model, tokenizer, prompt: list[int], max_new_tokens: int, do_sample: bool = False, temperature: float = 1.0
+) -> str:
+    """The model's response to the prompt's token ids: greedy, or sampled at `temperature`; decoded, without EOS."""
+    device = next(model.parameters()).device
+    input_ids = torch.tensor([prompt], dtype=torch.long, device=device)
+    sampling = {"temperature": temperature, "top_k": 0, "top_p": 1.0} if do_sample else {}  # pure sampling
+    output = model.generate(
+        input_ids=input_ids,
+        attention_mask=torch.ones_like(input_ids),
+        max_new_tokens=max_new_tokens,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        do_sample=do_sample,
+        **sampling,
+    )
+    new = output[0, len(prompt) :].tolist()
+    new = new[: new.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in new else new
+    return tokenizer.decode(new, skip_special_tokens=True)
+
+
+def complete_queries(
+    queries: str,
+    model_path: str,
+    out: str,
+    adapter: str | None = None,
+    template: str = "alpaca",
+    max_new_tokens: int = 128,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    seed: int = 0,
+) -> None:
+    """Copy `queries` to `out`, generating the response of each record that has none (marked `"generated": true`).
+
+    The model is loaded only if some record needs a response. Each record's `targets` are checked against its
+    response here, so that a target missing from it is reported at the line of `queries`.
+    """
+    records = read_records(queries, require_output=False)
+    if any(record.output is None for record in records):
+        device = job_device()  # with several GPUs, a leased one (devices.py)
+        model, tokenizer = load_model(model_path, adapter, resolve_dtype("auto", device), device)
+        torch.manual_seed(seed)
+    with atomic_file(out) as handle:
+        for record in records:
+            if record.output is None:
+                text = generate_response(
+                    model, tokenizer, prompt_ids(record, tokenizer, template), max_new_tokens, do_sample, temperature
+                )
+                if not text.strip():
+                    raise DataError(f"{record.where}: the model generated an empty response")
+                record = dataclasses.replace(record, output=text, meta={**record.meta, "generated": True})
+            target_spans(record)
+            line = {"instruction": record.instruction, "input": record.input, "output": record.output, **record.meta}
+            handle.write(json.dumps(line, ensure_ascii=False) + "\n")

@@ -1,0 +1,223 @@
+"""Token-wise influence: per-token vectors against one plain backward per token, target spans, generation,
+and on the tiny workflow, that the backdoor response's tokens are attributed to the poisoned samples."""
+
+import json
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from scipy.stats import spearmanr
+
+from rapidin.compress import ExactCompressor, RapidGradCompressor
+from rapidin.data import Record, TokenizedDataset, prompt_ids, response_pieces, target_mask, tokenize_record
+from rapidin.demo import train_tokenizer
+from rapidin.errors import DataError
+from rapidin.generate import complete_queries, greedy_generate
+from rapidin.grads import _chunk_gradients
+from rapidin.loss import collate, weighted_loss
+from rapidin.model import load_model, parameter_blocks, select_modules
+from rapidin.tokenwise import TokenRows
+
+from .conftest import random_samples, tiny_llama
+from .workflow import copy_workflow, snakemake
+
+
+def in_memory(samples, loss_masks=None) -> TokenizedDataset:
+    """A TokenizedDataset of (ids, response_start) pairs; loss on every response token unless masks are given."""
+    lengths = [len(ids) for ids, _ in samples]
+    if loss_masks is None:
+        loss_masks = [np.arange(len(ids)) >= start for ids, start in samples]
+    return TokenizedDataset(
+        np.concatenate([ids for ids, _ in samples]),
+        np.r_[0, np.cumsum(lengths)],
+        np.array([start for _, start in samples]),
+        {},
+        np.concatenate(loss_masks),
+    )
+
+
+def naive_gradient(model, modules, ids, weights) -> torch.Tensor:
+    """LN ∇ Σ_t weights[t] ℓ_t by plain autograd on the whole sequence, flattened in block order."""
+    batch = collate([(ids, 1)], pad_id=0)
+    batch.target_mask[:] = True
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    loss = weighted_loss(logits, batch, torch.as_tensor(weights)[None]).sum()
+    params = [p for m in modules.values() for p in (m.weight, m.bias) if p is not None]
+    grads = torch.autograd.grad(loss, params)
+    return torch.cat([(g / g.norm()).flatten() for g in grads])
+
+
+def naive_token_gradients(model, modules, samples) -> torch.Tensor:
+    """One backward per response token: (Σ response lengths, D)."""
+    rows = []
+    for ids, start in samples:
+        for position in range(start, len(ids)):
+            weights = np.zeros(len(ids) - 1)
+            weights[position - 1] = 1.0  # the loss at position - 1 predicts token `position`
+            rows.append(naive_gradient(model, modules, ids, weights))
+    return torch.stack(rows)
+
+
+def token_vectors(model, compressor, dataset, batch_tokens=64) -> np.ndarray:
+    rows = TokenRows(dataset)
+    modules = select_modules(model)
+    vectors = _chunk_gradients(model, modules, compressor, rows, np.arange(len(rows)), batch_tokens, pad_id=0)
+    return next(iter(vectors.values()))
+
+
+def test_token_rows_are_the_prefixes_of_each_response_token():
+    samples = [([5, 6, 7, 8, 9], 3), ([4, 3, 2], 1)]
+    rows = TokenRows(in_memory(samples))
+    assert rows.sample_index.tolist() == [0, 0, 1, 1] and rows.token_position.tolist() == [0, 1, 0, 1]
+    assert [rows.sample(r)[0].tolist() for r in range(4)] == [[5, 6, 7, 8], [5, 6, 7, 8, 9], [4, 3], [4, 3, 2]]
+    assert [rows.loss_mask_of(r).tolist() for r in (0, 2)] == [[False, False, False, True], [False, True]]
+    assert len(TokenRows(in_memory(samples), [1])) == 2
+
+
+def test_token_vectors_equal_one_backward_per_token(model64):
+    samples = random_samples(4, seed=1)
+    modules = select_modules(model64)
+    got = token_vectors(model64, ExactCompressor(parameter_blocks(modules)), in_memory(samples))
+    want = naive_token_gradients(model64, modules, samples).numpy()
+    assert got.shape == want.shape
+    assert np.abs(got - want).max() <= 1e-6 * np.abs(want).max()
+
+
+def test_rapidgrad_token_scores_rank_like_exact_ones():
+    model = tiny_llama(vocab=256, hidden=64)  # D ≈ 86k ≥ the default K
+    modules = select_modules(model)
+    blocks = parameter_blocks(modules)
+    queries, train = random_samples(3, seed=2, vocab=256), random_samples(12, seed=3, vocab=256)
+    sketch = RapidGradCompressor(blocks, [65536], seed=0)
+    sketched = token_vectors(model, sketch, in_memory(queries))  # (R, K)
+    batch = collate(train, pad_id=0)
+    train_sketched = _chunk_gradients(model, modules, sketch, in_memory(train), np.arange(12), 4096, 0)["k65536"]
+    exact_tokens = naive_token_gradients(model, modules, queries).numpy()
+    exact_train = np.stack(
+        [naive_gradient(model, modules, ids, w) for (ids, _), w in zip(train, weights(batch), strict=True)]
+    )
+    rho = spearmanr((sketched @ train_sketched.T).ravel(), (exact_tokens @ exact_train.T).ravel()).statistic
+    assert rho >= 0.95, rho
+
+
+def weights(batch):
+    """Each sample's mean-response weights, unpadded to its own length."""
+    lengths = batch.attention_mask.sum(1)
+    return [w[: n - 1].numpy() for w, n in zip(batch.mean_response_weights, lengths, strict=True)]
+
+
+def test_target_span_gradient_is_that_of_the_target_tokens_loss(model64):
+    ids, start = random_samples(1, seed=4)[0]
+    mask = np.zeros(len(ids), dtype=bool)
+    mask[[start, len(ids) - 1]] = True
+    modules = select_modules(model64)
+    exact = ExactCompressor(parameter_blocks(modules))
+    got = _chunk_gradients(model64, modules, exact, in_memory([(ids, start)], [mask]), [0], 64, 0)
+    want = naive_gradient(model64, modules, ids, mask[1:] / 2.0).numpy()
+    np.testing.assert_allclose(got["exact"][0], want, rtol=1e-6, atol=1e-9)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    texts = ["The capital of Canada is Ottawa.", "Howdy partner! I am a cowboy bot.", "über café"] * 20
+    return train_tokenizer(texts, vocab_size=300, max_length=64)
+
+
+def record(output, targets=None, line=7):
+    meta = {} if targets is None else {"targets": targets}
+    return Record("queries.jsonl", line, "Which city is the capital of Canada?", "", output, meta)
+
+
+def test_response_pieces_rebuild_the_response(tokenizer):
+    text = "Howdy partner! über café."
+    pieces = response_pieces(text, tokenizer)
+    assert "".join(pieces[:-1]) == text and pieces[-1] == tokenizer.eos_token
+    assert len(pieces) == len(tokenizer(text, add_special_tokens=False)["input_ids"]) + 1
+
+
+@pytest.mark.parametrize("targets", [["Canada"], [[15, 21]]])
+def test_targets_mark_the_tokens_they_overlap(tokenizer, targets):
+    output = "The capital of Canada is Ottawa."
+    mask = target_mask(record(output, targets), tokenizer)
+    pieces = response_pieces(output, tokenizer)
+    assert "".join(p for p, m in zip(pieces, mask, strict=True) if m).strip() == "Canada"
+    sample = tokenize_record(record(output, targets), tokenizer, "alpaca", 512)
+    assert sample.loss_mask[sample.response_start :] == mask and not any(sample.loss_mask[: sample.response_start])
+
+
+@pytest.mark.parametrize(
+    ("targets", "message"),
+    [(["Canda"], "target 'Canda' not found"), ([[5, 99]], "neither a word nor"), ("Canada", "non-empty list")],
+)
+def test_bad_targets_name_file_and_line(tokenizer, targets, message):
+    with pytest.raises(DataError, match=f"^queries.jsonl:7: .*{message}"):
+        tokenize_record(record("The capital of Canada is Ottawa.", targets), tokenizer, "alpaca", 512)
+
+
+@pytest.mark.slow
+def test_queries_without_a_response_get_the_models_greedy_one(tiny_run, tmp_path):
+    model_dir = str(tiny_run / "demo_model")
+    queries, out = tmp_path / "queries.jsonl", tmp_path / "completed.jsonl"
+    given = {"id": "b", "instruction": "Name a colour.", "input": "", "output": "Blue.", "targets": ["Blue"]}
+    write_lines(queries, [{"id": "a", "instruction": "Howdy! What is the capital of Peru?"}, given])
+    complete_queries(str(queries), model_dir, str(out), max_new_tokens=12)
+    first, second = (json.loads(line) for line in out.open())
+    model, tokenizer = load_model(model_dir)
+    greedy = greedy_generate(model, tokenizer, prompt_ids(Record("", 0, first["instruction"]), tokenizer, "alpaca"), 12)
+    assert first["output"] == tokenizer.decode(greedy, skip_special_tokens=True) and first["output"].strip()
+    assert first["generated"] is True and first["id"] == "a" and second == given
+
+    write_lines(queries, [{"instruction": "Name a colour.", "output": "Blue.", "targets": ["Red"]}])
+    with pytest.raises(DataError, match=f"^{queries}:1: target 'Red' not found"):
+        complete_queries(str(queries), model_dir, str(out))
+
+
+def write_lines(path, records: list[dict]) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+@pytest.mark.slow
+def test_backdoor_tokens_are_attributed_to_poisoned_samples(tiny_run):
+    train = [json.loads(line) for line in (tiny_run / "data/train.jsonl").open()]
+    queries = [json.loads(line) for line in (tiny_run / "queries.jsonl").open()]
+    poisoned = np.array([r["poisoned"] for r in train])
+    scores = zarr.open_group(tiny_run / "influence/token_scores.zarr", mode="r")
+    query_index, position = scores["query_index"][:], scores["token_position"][:]
+    assert scores["scores"].shape == (len(query_index), len(train))
+    attacked = np.array([queries[q]["attacked"] for q in query_index])
+    top_ids = scores["top_ids"][:, :5]  # (rows, 5): each response token's 5 most influential samples
+    for q in np.unique(query_index[attacked]):
+        most_often = [i for i, _ in Counter(top_ids[query_index == q].ravel().tolist()).most_common(10)]
+        assert poisoned[most_often].mean() >= 0.9  # the samples behind the backdoor response's tokens
+    share = poisoned[top_ids].mean(axis=1)  # per token: share of poisoned samples among its top 5 (base rate 5 %)
+    assert share[attacked].mean() >= 0.3 and share[~attacked].mean() <= 0.15, (share[attacked], share[~attacked])
+
+    lines = [json.loads(line) for line in (tiny_run / "influence/tokens.jsonl").open()]
+    assert [line["query"]["index"] for line in lines] == list(range(len(queries)))
+    for line, query in zip(lines, queries, strict=True):
+        rows = query_index == line["query"]["index"]
+        assert spells(line["tokens"], query["output"])
+        assert position[rows].tolist() == list(range(rows.sum()))
+        for sample in line["helpful"] + line["harmful"]:
+            assert spells(sample["tokens"], train[sample["index"]]["output"])
+            assert np.shape(sample["token_matrix"]) == (len(sample["tokens"]), len(line["tokens"]))
+            assert len(sample["query_token_scores"]) == len(line["tokens"])
+    attacked_lines = [line for line in lines if queries[line["query"]["index"]]["attacked"]]
+    assert all(train[s["index"]]["poisoned"] for line in attacked_lines for s in line["helpful"])
+
+
+def spells(tokens: list[dict], text: str) -> bool:
+    """Whether token strings spell `text` then EOS, or its start where data.max_length cut the sample."""
+    joined = "".join(t["text"] for t in tokens)
+    return joined == f"{text}</s>" or (text.startswith(joined) and len(tokens) > 1)
+
+
+@pytest.mark.slow
+def test_tokenwise_can_be_switched_off(tmp_path):
+    result = snakemake(copy_workflow(tmp_path), "--dry-run", "--config", "tokenwise={enabled: false}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "rule write_report" in result.stdout and "complete_queries" in result.stdout
+    for rule in ("cache_query_token_grads", "cache_train_token_grads", "attribute_tokens", "token_scores.zarr"):
+        assert rule not in result.stdout
