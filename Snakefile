@@ -8,6 +8,10 @@ from rapidin.config import check_schema, coerce_config
 min_version("9.0")
 
 
+envvars:
+    "PATH",  # rules find `rapidin` on it (workflow/rules/common.smk)
+
+
 configfile: "config/config.yaml"
 
 

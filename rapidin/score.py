@@ -1,7 +1,8 @@
 """Influence scores: query vectors × cached training vectors, streamed chunk by chunk, and their top-k.
 
 Per shard, each cache chunk is converted into a preallocated fp32 buffer and multiplied with all queries at
-once (one GEMM per chunk, fp32 accumulation), so memory is bounded by a chunk whatever N is. Merging puts
+once (one GEMM per chunk, fp32 accumulation), so memory is bounded by two chunks whatever N is; the next
+chunk is read while the current one is multiplied. Merging puts
 the shards' columns together into one store (rows × training samples, with each row's top-k and bottom-k);
 the rows are queries (`scores.zarr`, then `topk.jsonl` with the texts) or, for a per-token query store,
 (query, response token) pairs (`token_scores.zarr`, with `query_index` and `token_position` per row).
@@ -12,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -20,9 +22,17 @@ import zarr
 from tqdm import tqdm
 
 from rapidin.data import read_records
-from rapidin.errors import RapidinError
 from rapidin.devices import job_device
-from rapidin.store import ResumableStore, atomic_dir, atomic_file, check_agree, read_settings, write_settings
+from rapidin.errors import RapidinError
+from rapidin.store import (
+    ResumableStore,
+    atomic_dir,
+    atomic_file,
+    check_agree,
+    read_row_chunk,
+    read_settings,
+    write_settings,
+)
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +52,8 @@ SHARED_FIELDS = (
 )
 
 
+MAX_WRITE_BATCH = 256  # scored chunks held at most while the writer is busy
+
 SIDES = {"helpful": "top", "harmful": "bottom"}  # topk.jsonl's sides and the arrays they come from
 
 
@@ -53,9 +65,10 @@ def vector_array(settings: dict) -> str:
 def score_shard(queries: str, cache: str, out: str, top_k: int, array: str | None = None, device: str = "auto") -> None:
     """Scores of all queries against one cache shard, plus that shard's top-k and bottom-k per query.
 
-    Each cache chunk is read into a preallocated fp32 buffer and multiplied with all queries at once; its
-    (Q, C) scores go straight to the output store, which is resumable chunk by chunk. Top-k is then a running
-    merge over the stored score chunks, so memory stays at O(Q · (chunk + k)) whatever the shard's size.
+    Each cache chunk is read (by a background thread, into one of two preallocated fp32 buffers, pinned for a
+    GPU) and multiplied with all queries at once; its (Q, C) scores go to the output store (by another
+    thread), which is resumable chunk by chunk. Top-k is then a running merge over the stored score chunks, so
+    memory stays at O(chunk · (K + Q) + Q · k) whatever the shard's size.
     """
     query_settings, cache_settings = read_settings(queries), read_settings(cache)
     check_agree(query_settings, cache_settings, SHARED_FIELDS, queries, cache)
@@ -83,37 +96,67 @@ def score_shard(queries: str, cache: str, out: str, top_k: int, array: str | Non
         group.create_array("ids", data=ids)
 
     store = ResumableStore(out, stamp, -(-n // chunk_rows), create)
-    buffer = torch.empty(chunk_rows, rows.shape[1], dtype=torch.float32)  # (C, K), reused for every chunk
-    for chunk in tqdm(store.remaining(), desc=f"scores {Path(cache).name}", unit="chunk"):
-        lo, hi = chunk * chunk_rows, min((chunk + 1) * chunk_rows, n)
-        block = buffer[: hi - lo]
-        block.copy_(torch.from_numpy(rows[lo:hi]))  # fp16 → fp32 conversion into the buffer
-        store.group["scores"][:, lo:hi] = (query_vectors @ block.to(torch_device).T).cpu().numpy()  # (Q, C)
-        store.mark_done(chunk)
-    for name, largest in (("top", True), ("bottom", False)):
-        positions, values = running_topk(store.group["scores"], k, largest)
+    scores, todo = store.array("scores"), store.remaining()
+    buffer = torch.empty(chunk_rows, rows.shape[1], dtype=torch.float32, pin_memory=torch_device.type == "cuda")
+
+    def write(scored: list[tuple[int, np.ndarray]]) -> None:  # (chunk, its (Q, C) scores), chunks ascending
+        for run in _contiguous_runs(scored):
+            lo = run[0][0] * chunk_rows
+            values = np.concatenate([v for _, v in run], axis=1)
+            scores[:, lo : lo + values.shape[1]] = values  # one Zarr call for the run's chunks
+        store.mark_done([chunk for chunk, _ in scored])
+
+    # Scored chunks go to a writer thread in batches: whatever was scored while its last write ran, so a slow
+    # write path costs a few large writes, not one small write and one flag update per chunk.
+    with ThreadPoolExecutor(max_workers=1) as writer:
+        scored, pending_write = [], None
+        for chunk in tqdm(todo, desc=f"scores {Path(cache).name}", unit="chunk"):
+            block = read_row_chunk(rows, chunk, buffer)  # (C, K) fp32
+            scored.append((chunk, (query_vectors @ block.to(torch_device).T).cpu().numpy()))  # (Q, C)
+            if pending_write is None or pending_write.done() or len(scored) >= MAX_WRITE_BATCH:
+                if pending_write is not None:
+                    pending_write.result()
+                pending_write, scored = writer.submit(write, scored), []
+        if pending_write is not None:
+            pending_write.result()
+        write(scored)
+    best = running_topk(scores, k)
+    for name in ("top", "bottom"):
+        positions, values = best[name]
         store.group.create_array(f"{name}_ids", data=ids[positions], overwrite=True)
         store.group.create_array(f"{name}_scores", data=values, overwrite=True)
     store.publish()
+
+
+def _contiguous_runs(scored: list[tuple[int, np.ndarray]]) -> list[list[tuple[int, np.ndarray]]]:
+    """Split (chunk, values) pairs, chunks ascending, into runs of consecutive chunks."""
+    runs = []
+    for item in scored:
+        if runs and item[0] == runs[-1][-1][0] + 1:
+            runs[-1].append(item)
+        else:
+            runs.append([item])
+    return runs
 
 
 def _fingerprint(vectors: torch.Tensor) -> str:
     return hashlib.sha256(vectors.cpu().numpy().tobytes()).hexdigest()[:16]
 
 
-def running_topk(scores: zarr.Array, k: int, largest: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Column positions and values (Q, k) of the k largest (or smallest) scores per row, read chunk by chunk."""
+def running_topk(scores: zarr.Array, k: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per row, the column positions and values (Q, k) of the k largest ("top") and k smallest ("bottom")
+    scores, read about 64 MiB of columns at a time."""
     n_queries, n = scores.shape
-    step = scores.chunks[1]
-    best_values = torch.empty(n_queries, 0)
-    best_positions = torch.empty(n_queries, 0, dtype=torch.long)
+    step = scores.chunks[1] * max(1, (64 << 20) // (4 * n_queries * scores.chunks[1]))
+    best = {largest: (torch.empty(n_queries, 0), torch.empty(n_queries, 0, dtype=torch.long)) for largest in (1, 0)}
     for lo in range(0, n, step):
-        chunk = torch.from_numpy(scores[:, lo : lo + step])  # (Q, C)
-        values = torch.cat([best_values, chunk], dim=1)
-        positions = torch.cat([best_positions, torch.arange(lo, lo + chunk.shape[1]).expand(n_queries, -1)], dim=1)
-        top = torch.topk(values, min(k, values.shape[1]), dim=1, largest=largest, sorted=True)
-        best_values, best_positions = top.values, torch.gather(positions, 1, top.indices)
-    return best_positions.numpy(), best_values.numpy()
+        chunk = torch.from_numpy(scores[:, lo : lo + step])  # (Q, S)
+        columns = torch.arange(lo, lo + chunk.shape[1]).expand(n_queries, -1)
+        for largest, (best_values, best_positions) in best.items():
+            values, positions = torch.cat([best_values, chunk], dim=1), torch.cat([best_positions, columns], dim=1)
+            top = torch.topk(values, min(k, values.shape[1]), dim=1, largest=bool(largest), sorted=True)
+            best[largest] = top.values, torch.gather(positions, 1, top.indices)
+    return {name: (best[largest][1].numpy(), best[largest][0].numpy()) for name, largest in (("top", 1), ("bottom", 0))}
 
 
 def merge_scores(shards: list[str], queries: str, out: str) -> None:

@@ -1,4 +1,5 @@
-"""Atomic publication of output directories and the settings stamped on every Zarr store.
+"""Atomic publication of output directories, resumable chunked stores, fast row-chunk reads, and the
+settings stamped on every Zarr store.
 
 Every store carries `attrs["rapidin"]`: the settings it was made with. A step that combines stores checks
 that the fields they must share agree and refuses with the first differing field otherwise.
@@ -10,12 +11,16 @@ import contextlib
 import logging
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
+import torch
 import zarr
+from zarr.codecs import BytesCodec
+from zarr.storage import LocalStore
 
 from rapidin import __version__
 from rapidin.errors import StoreMismatchError
@@ -88,7 +93,8 @@ class ResumableStore:
             create(self.group)
             self.group.create_array("done", shape=(n_chunks,), dtype=bool, fill_value=False)
             write_settings(self.group, stamp)
-        self.done = self.group["done"][:]
+        self._arrays: dict[str, zarr.Array] = {}
+        self.done = self.array("done")[:]
 
     def _reopen(self, stamp: dict, n_chunks: int) -> zarr.Group | None:
         if not self.partial.exists():
@@ -107,14 +113,50 @@ class ResumableStore:
         log.info("resuming %s: %d of %d chunks done", self.partial, int(done.sum()), n_chunks)
         return group
 
+    def array(self, name: str) -> zarr.Array:
+        """One of the group's arrays, opened once (opening reads its metadata from disk)."""
+        if name not in self._arrays:
+            self._arrays[name] = self.group[name]
+        return self._arrays[name]
+
     def remaining(self) -> list[int]:
         return [int(chunk) for chunk in np.flatnonzero(~self.done)]
 
-    def mark_done(self, chunk: int) -> None:
-        self.done[chunk] = True
-        self.group["done"][:] = self.done
+    def mark_done(self, chunks: int | list[int]) -> None:
+        self.done[chunks] = True
+        self.array("done")[:] = self.done
 
     def publish(self) -> None:
         if self.out.exists():
             shutil.rmtree(self.out)
         os.replace(self.partial, self.out)
+
+
+def read_row_chunk(array: zarr.Array, chunk: int, out: torch.Tensor) -> torch.Tensor:
+    """Row chunk `chunk` of a 2-D array (rows × columns, one chunk across the columns), converted into the
+    first rows of the preallocated `out`; returns that filled view.
+
+    An uncompressed chunk in a local store (as caches are written) is mapped from its file and converted in
+    one pass, skipping Zarr's read, decode and copy: 2–3× faster for scoring, which is bound by this read.
+    """
+    lo = chunk * array.chunks[0]
+    target = out[: min(array.chunks[0], array.shape[0] - lo)]
+    rows = _mapped_chunk(array, chunk)
+    target.copy_(torch.from_numpy(array[lo : lo + len(target)] if rows is None else rows[: len(target)]))
+    return target
+
+
+def _mapped_chunk(array: zarr.Array, chunk: int) -> np.memmap | None:
+    """Row chunk `chunk` mapped (copy-on-write: nothing is copied) from its file, if that file holds it as raw
+    native-endian bytes; None otherwise, and for a chunk never written (it has no file)."""
+    metadata = array.metadata
+    if not isinstance(array.store, LocalStore) or metadata.zarr_format != 3 or len(metadata.codecs) != 1:
+        return None
+    codec = metadata.codecs[0]
+    if not isinstance(codec, BytesCodec) or (array.dtype.itemsize > 1 and codec.endian.value != sys.byteorder):
+        return None
+    path = Path(array.store.root) / array.path / metadata.encode_chunk_key((chunk, 0))
+    try:  # edge chunks are stored full size, so every chunk file holds a whole chunk
+        return np.memmap(path, array.dtype, mode="c", shape=array.chunks)
+    except (FileNotFoundError, ValueError):  # not written, or shorter than a chunk
+        return None

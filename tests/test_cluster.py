@@ -17,6 +17,7 @@ from .workflow import ROOT, SNAKEMAKE, assert_same_influence, copy_run
 pytestmark = pytest.mark.cluster
 
 CLUSTER = Path(__file__).parent / "cluster"
+SLURM_CONFIGS = (Path("/etc/slurm/slurm.conf"), Path("/etc/slurm/slurmdbd.conf"))
 DAEMONS = ("munged", "mariadbd", "slurmdbd", "slurmctld", "slurmd", "sbatch", "sacct")
 
 
@@ -41,11 +42,23 @@ def slurm():
         pytest.skip(reason)
     ping = subprocess.run(["scontrol", "ping"], capture_output=True, text=True) if shutil.which("scontrol") else None
     was_up = ping is not None and "UP" in ping.stdout
+    configs = {path: path.read_bytes() if path.exists() else None for path in SLURM_CONFIGS}
     setup = subprocess.run(["timeout", "-k", "10", "300", CLUSTER / "setup-slurm.sh"], capture_output=True, text=True)
     assert setup.returncode == 0, setup.stdout[-2000:] + setup.stderr[-2000:]
     yield
     if not was_up:
         subprocess.run([CLUSTER / "stop-slurm.sh"], capture_output=True)
+        restore(configs)
+
+
+def restore(configs: dict[Path, bytes | None]) -> None:
+    """Put SLURM's config files back as they were: a left-over slurm.conf naming a stopped controller makes
+    every later Snakemake start wait ~10 s (the SLURM executor plugin runs `scontrol show config` on import)."""
+    for path, content in configs.items():
+        if content is None:
+            path.unlink(missing_ok=True)
+        else:
+            path.write_bytes(content)
 
 
 def cluster_profile(workdir: Path) -> Path:

@@ -18,7 +18,7 @@ rule cache_train_grads:
     benchmark:
         "results/{name}/benchmarks/cache_train_grads/{shard}.tsv"
     shell:
-        "{RAPIDIN} --threads {threads} grads --tokens {input.tokens} --out {output.cache} {params.flags}"
+        "rapidin --threads {threads} grads --tokens {input.tokens} --out {output.cache} {params.flags}"
         " --shard {wildcards.shard} --n-shards {params.n_shards} 2>&1 | tee {log}"
 
 
@@ -36,5 +36,5 @@ rule cache_query_grads:
     log:
         "results/{name}/logs/cache_query_grads.log",
     shell:
-        "{RAPIDIN} --threads {threads} grads --tokens {input.tokens} --out {output.cache} {params.flags}"
+        "rapidin --threads {threads} grads --tokens {input.tokens} --out {output.cache} {params.flags}"
         " 2>&1 | tee {log}"

@@ -1,9 +1,13 @@
 # Helpers for the rules: paths, shard lists, settings passed to the report. No rule lives here.
 
 import json
+import os
 import sys
+from pathlib import Path
 
-RAPIDIN = f"{sys.executable} -m rapidin"
+# Rules call the `rapidin` console script of the Python that runs Snakemake (.venv/bin), activated or not.
+# Rules name no conda env or container (snakemake --lint asks for them): requirements.txt pins the environment.
+os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
 RESULTS = f"results/{config['name']}"
 LOGS = f"{RESULTS}/logs"
 SHARDS = [f"{i:05d}" for i in range(config["cache"]["n_shards"])]

@@ -14,7 +14,7 @@ rule make_demo_data:
     log:
         "results/{name}/logs/make_demo_data.log",
     shell:
-        "{RAPIDIN} make-demo-data --train-out {output.train} --queries-out {output.queries}"
+        "rapidin make-demo-data --train-out {output.train} --queries-out {output.queries}"
         " --n-train {params.n_train} --poison-fraction {params.poison_fraction} --n-attacked {params.n_attacked}"
         " --n-clean {params.n_clean} --seed {params.seed} 2>&1 | tee {log}"
 
@@ -32,7 +32,7 @@ rule train_demo_model:
     benchmark:
         "results/{name}/benchmarks/train_demo_model.tsv"
     shell:
-        "{RAPIDIN} --threads {threads} train-demo-model --train {input.train}"
+        "rapidin --threads {threads} train-demo-model --train {input.train}"
         " --out {output.model} --vocab-size {params.demo[vocab_size]} --hidden-size {params.demo[hidden_size]}"
         " --n-layers {params.demo[n_layers]} --n-heads {params.demo[n_heads]}"
         " --intermediate-size {params.demo[intermediate_size]} --max-length {params.demo[max_length]}"

@@ -15,5 +15,5 @@ rule evaluate_backdoor:
     log:
         "results/{name}/logs/evaluate_backdoor.log",
     shell:
-        "{RAPIDIN} evaluate --scores {input.scores} --train {input.train} --queries {input.queries}"
+        "rapidin evaluate --scores {input.scores} --train {input.train} --queries {input.queries}"
         " --out {output.metrics} {params.model} --template {params.template} 2>&1 | tee {log}"

@@ -15,5 +15,5 @@ rule complete_queries:
     log:
         "results/{name}/logs/complete_queries.log",
     shell:
-        "{RAPIDIN} complete-queries --queries {input.queries} {params.model} {params.generate} --out {output.queries}"
+        "rapidin complete-queries --queries {input.queries} {params.model} {params.generate} --out {output.queries}"
         " 2>&1 | tee {log}"

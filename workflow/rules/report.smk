@@ -19,6 +19,6 @@ rule write_report:
     log:
         "results/{name}/logs/write_report.log",
     shell:
-        "{RAPIDIN} report --topk {input.topk} --scores {input.scores} --train {input.train} --metrics {input.metrics}"
+        "rapidin report --topk {input.topk} --scores {input.scores} --train {input.train} --metrics {input.metrics}"
         " {params.tokens} --settings {params.settings:q} --top-n {params.top_n} --out {output.html}"
         " --plots-dir {output.plots} 2>&1 | tee {log}"

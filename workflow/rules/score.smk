@@ -18,7 +18,7 @@ rule score_shard:
     benchmark:
         "results/{name}/benchmarks/score_shard/{token}{shard}.tsv"
     shell:
-        "{RAPIDIN} --threads {threads} score --queries {input.queries} --cache {input.cache} --out {output.scores}"
+        "rapidin --threads {threads} score --queries {input.queries} --cache {input.cache} --out {output.scores}"
         " --top-k {params.top_k} 2>&1 | tee {log}"
 
 
@@ -31,7 +31,7 @@ rule merge_scores:
     log:
         "results/{name}/logs/merge_scores/{token}scores.log",
     shell:
-        "{RAPIDIN} merge --shards {input.shards} --queries {input.queries} --out {output.scores} 2>&1 | tee {log}"
+        "rapidin merge --shards {input.shards} --queries {input.queries} --out {output.scores} 2>&1 | tee {log}"
 
 
 rule write_topk:
@@ -48,5 +48,5 @@ rule write_topk:
     log:
         "results/{name}/logs/write_topk.log",
     shell:
-        "{RAPIDIN} topk --scores {input.scores} --train {input.train} --queries {input.queries} --out {output.topk}"
+        "rapidin topk --scores {input.scores} --train {input.train} --queries {input.queries} --out {output.topk}"
         " 2>&1 | tee {log}"

@@ -14,5 +14,5 @@ rule tokenize_dataset:
     log:
         "results/{name}/logs/tokenize_dataset/{split}.log",
     shell:
-        "{RAPIDIN} tokenize --data {input.data} --model {input.model} --out {output.tokens}"
+        "rapidin tokenize --data {input.data} --model {input.model} --out {output.tokens}"
         " --template {params.template} --max-length {params.max_length} --on-long {params.on_long} 2>&1 | tee {log}"

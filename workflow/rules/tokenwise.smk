@@ -19,7 +19,7 @@ rule cache_query_token_grads:
     benchmark:
         "results/{name}/benchmarks/cache_query_token_grads.tsv"
     shell:
-        "{RAPIDIN} --threads {threads} grads --per-token --tokens {input.tokens} --out {output.cache} {params.flags}"
+        "rapidin --threads {threads} grads --per-token --tokens {input.tokens} --out {output.cache} {params.flags}"
         " 2>&1 | tee {log}"
 
 
@@ -41,7 +41,7 @@ rule cache_train_token_grads:
     benchmark:
         "results/{name}/benchmarks/cache_train_token_grads.tsv"
     shell:
-        "{RAPIDIN} --threads {threads} grads --per-token --tokens {input.tokens} --topk {input.topk}"
+        "rapidin --threads {threads} grads --per-token --tokens {input.tokens} --topk {input.topk}"
         " --top-samples {params.top_samples} --out {output.cache} {params.flags} 2>&1 | tee {log}"
 
 
@@ -62,6 +62,6 @@ rule attribute_tokens:
     benchmark:
         "results/{name}/benchmarks/attribute_tokens.tsv"
     shell:
-        "{RAPIDIN} tokenwise --topk {input.topk} --token-scores {input.token_scores} --queries {input.queries}"
+        "rapidin tokenwise --topk {input.topk} --token-scores {input.token_scores} --queries {input.queries}"
         " --query-tokens {input.query_tokens} --train-tokens {input.train_tokens} --model {input.model}"
         " --top-samples {params.top_samples} --out {output.tokens} 2>&1 | tee {log}"
