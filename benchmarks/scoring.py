@@ -37,7 +37,7 @@ print(seconds, peak_kib)
 
 @dataclass
 class ScoringSize:
-    """Rows, sketch size and queries; the defaults take about a minute in all on 2 CPU cores, and 4N rows need 4.3 GB of disk."""
+    """Rows, sketch size and queries; the defaults take about a minute on 2 CPU cores (4N rows: 4.3 GB of disk)."""
 
     n: int = 8192
     k: int = 65536
