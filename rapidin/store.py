@@ -34,6 +34,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the result should be like any new directory
     try:
         yield tmp
         if path.exists():
@@ -49,6 +50,7 @@ def atomic_file(path: str | Path, mode: str = "w") -> Iterator:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; the result should be like any new file
     try:
         with os.fdopen(fd, mode) as handle:
             yield handle
@@ -56,6 +58,12 @@ def atomic_file(path: str | Path, mode: str = "w") -> Iterator:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_settings(group: zarr.Group, settings: dict) -> None:

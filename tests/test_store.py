@@ -1,6 +1,9 @@
-"""Row-chunk reads: the raw-file fast path and Zarr's own read give the same rows."""
+"""Store helpers: row-chunk reads (the raw-file fast path reads what Zarr reads) and atomic outputs."""
 
 from __future__ import annotations
+
+import os
+import stat
 
 import numpy as np
 import pytest
@@ -8,7 +11,7 @@ import torch
 import zarr
 from zarr.codecs import BloscCodec
 
-from rapidin.store import _mapped_chunk, read_row_chunk
+from rapidin.store import _mapped_chunk, atomic_dir, atomic_file, read_row_chunk
 
 
 @pytest.mark.parametrize("dtype", [np.float16, np.float32])
@@ -31,3 +34,16 @@ def test_row_chunks_read_as_zarr_reads_them(tmp_path, dtype, compressed):
     array[8:] = rows[8:]  # now written, as a full-size edge chunk
     assert _mapped_chunk(array, 2) is not None or compressed
     np.testing.assert_array_equal(read_row_chunk(array, 2, out).numpy(), rows[8:].astype(np.float32))
+
+
+def test_atomic_outputs_get_the_usual_permissions(tmp_path):
+    old = os.umask(0o022)
+    try:
+        with atomic_file(tmp_path / "out.txt") as handle:
+            handle.write("x")
+        with atomic_dir(tmp_path / "out.zarr") as tmp:
+            (tmp / "part").write_text("y")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "out.txt").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "out.zarr").stat().st_mode) == 0o755
