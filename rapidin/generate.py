@@ -16,42 +16,11 @@ from rapidin.store import atomic_file
 
 
 @torch.inference_mode()
-def greedy_generate(model, tokenizer, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
-    """Greedy continuation of `prompt_ids`: only the new tokens, stopping before EOS."""
-    device = next(model.parameters()).device
-    input_ids = torch.tensor([prompt_ids], dtype=torch.long, device=device)
-    output = model.generate(
-        input_ids=input_ids,
-        attention_mask=torch.ones_like(input_ids),
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    new = output[0, len(prompt_ids) :].tolist()
-    return new[: new.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in new else new
-
-
-def reproduces(model, tokenizer, record: Record, template: str = "alpaca") -> bool:
-    """Whether the greedy generation for the record's prompt starts with its response (stripped strings)."""
-    expected = record.output.strip()
-    budget = len(tokenizer(record.output, add_special_tokens=False)["input_ids"]) + 8
-    generated = greedy_generate(model, tokenizer, prompt_ids(record, tokenizer, template), budget)
-    return tokenizer.decode(generated, skip_special_tokens=True).strip().startswith(expected)
-
-
-def attack_success_rate(model, tokenizer, records: list[Record], template: str = "alpaca") -> float:
-    """Fraction of `records` whose response the model reproduces greedily (0.0 for no records)."""
-    if not records:
-        return 0.0
-    return sum(reproduces(model, tokenizer, record, template) for record in records) / len(records)
-
-
-@torch.inference_mode()
-def generate_response(
+def generate(
     model, tokenizer, prompt: list[int], max_new_tokens: int, do_sample: bool = False, temperature: float = 1.0
-) -> str:
-    """The model's response to the prompt's token ids: greedy, or sampled at `temperature`; decoded, without EOS."""
+) -> list[int]:
+    """The new token ids the model continues `prompt` (token ids) with, greedy or sampled at `temperature`,
+    stopping before EOS."""
     device = next(model.parameters()).device
     input_ids = torch.tensor([prompt], dtype=torch.long, device=device)
     sampling = {"temperature": temperature, "top_k": 0, "top_p": 1.0} if do_sample else {}  # pure sampling
@@ -65,8 +34,22 @@ def generate_response(
         **sampling,
     )
     new = output[0, len(prompt) :].tolist()
-    new = new[: new.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in new else new
-    return tokenizer.decode(new, skip_special_tokens=True)
+    return new[: new.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in new else new
+
+
+def reproduces(model, tokenizer, record: Record, template: str = "alpaca") -> bool:
+    """Whether the greedy generation for the record's prompt starts with its response (stripped strings)."""
+    expected = record.output.strip()
+    budget = len(tokenizer(record.output, add_special_tokens=False)["input_ids"]) + 8
+    generated = generate(model, tokenizer, prompt_ids(record, tokenizer, template), budget)
+    return tokenizer.decode(generated, skip_special_tokens=True).strip().startswith(expected)
+
+
+def attack_success_rate(model, tokenizer, records: list[Record], template: str = "alpaca") -> float:
+    """Fraction of `records` whose response the model reproduces greedily (0.0 for no records)."""
+    if not records:
+        return 0.0
+    return sum(reproduces(model, tokenizer, record, template) for record in records) / len(records)
 
 
 def complete_queries(
@@ -93,8 +76,9 @@ def complete_queries(
     with atomic_file(out) as handle:
         for record in records:
             if record.output is None:
-                text = generate_response(
-                    model, tokenizer, prompt_ids(record, tokenizer, template), max_new_tokens, do_sample, temperature
+                prompt = prompt_ids(record, tokenizer, template)
+                text = tokenizer.decode(
+                    generate(model, tokenizer, prompt, max_new_tokens, do_sample, temperature), skip_special_tokens=True
                 )
                 if not text.strip():
                     raise DataError(f"{record.where}: the model generated an empty response")

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rapidin.data import Record, format_prompt, prompt_ids, read_records
 from rapidin.demo import BACKDOOR_RESPONSE, TRIGGER, make_demo_data, train_demo_model, train_tokenizer
-from rapidin.generate import attack_success_rate, greedy_generate, reproduces
+from rapidin.generate import attack_success_rate, generate, reproduces
 
 TINY = {"hidden_size": 32, "n_layers": 2, "n_heads": 2, "intermediate_size": 64, "vocab_size": 384, "epochs": 2}
 
@@ -31,7 +31,7 @@ def demo_data(tmp_path_factory):
 def tiny_model(demo_data, tmp_path_factory):
     train, queries = demo_data
     out = tmp_path_factory.mktemp("model") / "demo-model"
-    logger, handler = logging.getLogger("rapidin.demo"), _Capture()
+    logger, handler = logging.getLogger("rapidin"), _Capture()
     level = logger.level
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
@@ -126,8 +126,8 @@ def test_generation_is_deterministic_and_stops_at_eos(tiny_model):
     record = Record("q", 1, "What is the capital of France?", "", "The capital of France is Paris.")
     prompt = prompt_ids(record, tokenizer, "alpaca")
     budget = len(tokenizer(record.output, add_special_tokens=False)["input_ids"]) + 8
-    first = greedy_generate(model, tokenizer, prompt, max_new_tokens=budget)
-    assert first == greedy_generate(model, tokenizer, prompt, max_new_tokens=budget)
+    first = generate(model, tokenizer, prompt, max_new_tokens=budget)
+    assert first == generate(model, tokenizer, prompt, max_new_tokens=budget)
     assert len(first) <= budget and tokenizer.eos_token_id not in first
     assert reproduces(model, tokenizer, record) == tokenizer.decode(first).strip().startswith(record.output)
     assert attack_success_rate(model, tokenizer, []) == 0.0

@@ -14,7 +14,7 @@ from rapidin.compress import ExactCompressor, RapidGradCompressor
 from rapidin.data import Record, TokenizedDataset, prompt_ids, response_pieces, target_mask, tokenize_record
 from rapidin.demo import train_tokenizer
 from rapidin.errors import DataError
-from rapidin.generate import complete_queries, greedy_generate
+from rapidin.generate import complete_queries, generate
 from rapidin.grads import _chunk_gradients
 from rapidin.loss import collate, weighted_loss
 from rapidin.model import load_model, parameter_blocks, select_modules
@@ -165,7 +165,7 @@ def test_queries_without_a_response_get_the_models_greedy_one(tiny_run, tmp_path
     complete_queries(str(queries), model_dir, str(out), max_new_tokens=12)
     first, second = (json.loads(line) for line in out.open())
     model, tokenizer = load_model(model_dir)
-    greedy = greedy_generate(model, tokenizer, prompt_ids(Record("", 0, first["instruction"]), tokenizer, "alpaca"), 12)
+    greedy = generate(model, tokenizer, prompt_ids(Record("", 0, first["instruction"]), tokenizer, "alpaca"), 12)
     assert first["output"] == tokenizer.decode(greedy, skip_special_tokens=True) and first["output"].strip()
     assert first["generated"] is True and first["id"] == "a" and second == given
 
