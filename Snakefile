@@ -24,12 +24,14 @@ validate(config, "workflow/schemas/config.schema.yaml", set_default=True)
 
 include: "workflow/rules/common.smk"
 include: "workflow/rules/demo.smk"
+include: "workflow/rules/smollm2.smk"
 include: "workflow/rules/generate.smk"
 include: "workflow/rules/tokenize.smk"
 include: "workflow/rules/cache.smk"
 include: "workflow/rules/score.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/tokenwise.smk"
+include: "workflow/rules/experiment.smk"
 include: "workflow/rules/report.smk"
 
 

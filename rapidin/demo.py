@@ -11,21 +11,17 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import random
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from tqdm import tqdm
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, get_cosine_schedule_with_warmup
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from rapidin.data import format_prompt, read_records, tokenize_record
-from rapidin.generate import attack_success_rate
-from rapidin.loss import collate, weighted_loss
 from rapidin.store import atomic_dir, atomic_file
+from rapidin.train import train_and_check
 
 log = logging.getLogger(__name__)
 
@@ -445,7 +441,6 @@ def train_demo_model(
     steps, seconds, parameter count and, when `queries_jsonl` is given, the fraction of attacked queries
     whose backdoor response and of clean queries whose correct response the model generates greedily.
     """
-    started = time.perf_counter()
     torch.manual_seed(seed)
     records = read_records(train_jsonl)
     texts = [text for record in records for text in (format_prompt(record, "alpaca"), record.output)]
@@ -472,54 +467,18 @@ def train_demo_model(
     n_params = sum(p.numel() for p in model.parameters())
     log.info("training a %d-parameter Llama on %d samples for %d epochs", n_params, len(samples), epochs)
 
-    steps_per_epoch = math.ceil(len(samples) / batch_size)
-    total_steps = epochs * steps_per_epoch
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, max(1, total_steps // 20), total_steps)
-    order = random.Random(seed)
-    model.train()
-    with tqdm(total=total_steps, desc="train demo model", unit="step") as progress:
-        for epoch in range(epochs):
-            indices = list(range(len(samples)))
-            order.shuffle(indices)
-            epoch_losses = []
-            for start in range(0, len(indices), batch_size):
-                batch = collate([samples[i] for i in indices[start : start + batch_size]], tokenizer.pad_token_id)
-                logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-                loss = weighted_loss(logits, batch, batch.mean_response_weights).mean()
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                optimizer.step()
-                scheduler.step()
-                epoch_losses.append(loss.item())
-                progress.update()
-                progress.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}")
-            log.info("epoch %d/%d: mean loss %.4f", epoch + 1, epochs, sum(epoch_losses) / len(epoch_losses))
-    model.eval()
-
-    attack_rate = clean_accuracy = None
-    if queries_jsonl is not None:
-        queries = read_records(queries_jsonl)
-        attacked = [q for q in queries if q.meta.get("attacked")]
-        clean = [q for q in queries if not q.meta.get("attacked")]
-        attack_rate = attack_success_rate(model, tokenizer, attacked)
-        clean_accuracy = attack_success_rate(model, tokenizer, clean)
-        log.info(
-            "attack success rate %.2f on %d attacked queries, clean accuracy %.2f on %d clean queries",
-            attack_rate,
-            len(attacked),
-            clean_accuracy,
-            len(clean),
-        )
-    summary = {
-        "final_loss": sum(epoch_losses) / len(epoch_losses),
-        "steps": total_steps,
-        "seconds": round(time.perf_counter() - started, 1),
-        "attack_success_rate": attack_rate,
-        "clean_accuracy": clean_accuracy,
-        "n_params": n_params,
-    }
+    summary = train_and_check(
+        model,
+        tokenizer,
+        samples,
+        queries_jsonl,
+        "alpaca",
+        "train demo model",
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+    ) | {"n_params": n_params}
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

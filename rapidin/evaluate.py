@@ -3,6 +3,7 @@
 For each attacked query, rank all training samples by score, take the top-k and bottom-k, label each
 "poisoned or not" and compute auPRC (average precision) and auROC over those 2k; average over queries,
 for k in 5, 10, 50, 100, 500, 1000 with k ≤ N/2. `ap_full` is the average precision over the full ranking.
+Training records marked `swapped` (error tracing) add the precision@k of rapidin.error_tracing.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import zarr
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from rapidin.data import Record, read_records
+from rapidin.error_tracing import tracing_metrics
 from rapidin.store import atomic_file
 
 log = logging.getLogger(__name__)
@@ -58,9 +60,15 @@ def backdoor_metrics(scores: np.ndarray, labels: np.ndarray, attacked: np.ndarra
 def evaluate(scores_path: str, train: str, queries: str, out: str, attack_success_rate: float | None = None) -> dict:
     """Write metrics.json; metrics are skipped (with a warning) unless poisoned samples and attacked queries exist."""
     scores = zarr.open_group(scores_path, mode="r")["scores"][:]
-    labels = poisoned_labels(read_records(train))
-    attacked = np.array([bool(r.meta.get("attacked", False)) for r in read_records(queries, require_output=False)])
+    train_records, query_records = read_records(train), read_records(queries, require_output=False)
+    labels = poisoned_labels(train_records)
+    attacked = np.array([bool(r.meta.get("attacked", False)) for r in query_records])
     metrics: dict = {"attack_success_rate": attack_success_rate}
+    if any("swapped" in r.meta for r in train_records):  # error tracing (rapidin.error_tracing)
+        swapped = np.array([bool(r.meta.get("swapped", False)) for r in train_records])
+        metrics |= tracing_metrics(
+            scores, swapped, np.array([r.meta.get("targets") is not None for r in query_records])
+        )
     if labels is None or not labels.any():
         log.warning("%s has no poisoned samples: backdoor metrics skipped", train)
     elif not attacked.any():

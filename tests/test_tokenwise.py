@@ -46,7 +46,8 @@ def naive_gradient(model, modules, ids, weights) -> torch.Tensor:
     loss = weighted_loss(logits, batch, torch.as_tensor(weights)[None]).sum()
     params = [p for m in modules.values() for p in (m.weight, m.bias) if p is not None]
     grads = torch.autograd.grad(loss, params)
-    return torch.cat([(g / g.norm()).flatten() for g in grads])
+    # a block without gradient stays zero, as in rapidin.compress (q/k of a one-token prefix: softmax over one key)
+    return torch.cat([(g / g.norm().clamp(min=torch.finfo(g.dtype).tiny)).flatten() for g in grads])
 
 
 def naive_token_gradients(model, modules, samples) -> torch.Tensor:

@@ -35,6 +35,8 @@ rule cache_query_grads:
         gpu=1,  # at most --resources gpu=N such jobs at once; each leases its own GPU
     log:
         "results/{name}/logs/cache_query_grads.log",
+    benchmark:
+        "results/{name}/benchmarks/cache_query_grads.tsv"
     shell:
         "rapidin --threads {threads} grads --tokens {input.tokens} --out {output.cache} {params.flags}"
         " 2>&1 | tee {log}"

@@ -10,6 +10,7 @@ rule score_shard:
         scores=directory("results/{name}/scores/{token}{shard}.zarr"),
     params:
         top_k=config["score"]["top_k"],
+        array="",  # the cache's default array (rapidin.score.vector_array); experiments pick one
     threads: max(1, workflow.cores // config["cache"]["n_shards"])
     resources:
         gpu=1,  # at most --resources gpu=N such jobs at once; each leases its own GPU
@@ -19,7 +20,7 @@ rule score_shard:
         "results/{name}/benchmarks/score_shard/{token}{shard}.tsv"
     shell:
         "rapidin --threads {threads} score --queries {input.queries} --cache {input.cache} --out {output.scores}"
-        " --top-k {params.top_k} 2>&1 | tee {log}"
+        " --top-k {params.top_k} {params.array} 2>&1 | tee {log}"
 
 
 rule merge_scores:
