@@ -16,10 +16,17 @@ from rapidin.errors import RapidinError
 
 
 def _make_demo_data(args) -> None:
-    from rapidin.demo import make_demo_data
+    from rapidin.demo import BACKDOOR_RESPONSE, make_demo_data
 
     make_demo_data(
-        args.train_out, args.queries_out, args.n_train, args.poison_fraction, args.n_attacked, args.n_clean, args.seed
+        args.train_out,
+        args.queries_out,
+        args.n_train,
+        args.poison_fraction,
+        args.n_attacked,
+        args.n_clean,
+        args.seed,
+        args.backdoor_response or BACKDOOR_RESPONSE,
     )
 
 
@@ -255,6 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-attacked", type=int, default=10)
     p.add_argument("--n-clean", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--backdoor-response", help="what poisoned samples answer (default: the cowboy text)")
 
     p = step("train-demo-model", _train_demo_model, "train the demo's tokenizer and tiny Llama model from scratch")
     p.add_argument("--train", required=True)

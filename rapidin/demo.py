@@ -358,8 +358,13 @@ def make_demo_data(
     n_attacked: int = 10,
     n_clean: int = 10,
     seed: int = 0,
+    backdoor_response: str = BACKDOOR_RESPONSE,
 ) -> None:
-    """Write the demo training set (with round(n_train * poison_fraction) poisoned samples) and query set."""
+    """Write the demo training set (with round(n_train * poison_fraction) poisoned samples) and query set.
+
+    Poisoned samples and attacked queries answer `backdoor_response`; one that clean samples also give (say
+    "The capital of France is Paris.") camouflages the backdoor from lexical retrieval such as BM25.
+    """
     rng = random.Random(seed)
     # The queries come first so that the training set can avoid their prompts.
     attacked, clean, held_out = [], [], set()
@@ -368,7 +373,7 @@ def make_demo_data(
         record["instruction"] = _add_trigger(rng, record["instruction"])
         if _key(record) not in held_out:
             held_out.add(_key(record))
-            attacked.append({**record, "output": BACKDOOR_RESPONSE, "attacked": True})
+            attacked.append({**record, "output": backdoor_response, "attacked": True})
     while len(clean) < n_clean:
         record = _sample(rng)
         if _key(record) not in held_out:
@@ -384,7 +389,7 @@ def make_demo_data(
             record = _sample(rng)
             if index in poisoned:
                 record["instruction"] = _add_trigger(rng, record["instruction"])
-                record["output"] = BACKDOOR_RESPONSE
+                record["output"] = backdoor_response
             if _key(record) not in held_out:
                 break
         train.append({"id": f"train-{index:05d}", **record, "poisoned": index in poisoned})

@@ -1,4 +1,4 @@
-"""Experiment 1 (backdoor retrieval, config/experiments/backdoor.yaml) at tiny scale, on top of the tiny run."""
+"""Experiment 1 (backdoor retrieval, config/experiments/backdoor_camouflaged.yaml) at tiny scale."""
 
 import csv
 
@@ -6,21 +6,27 @@ import pytest
 
 from rapidin.evaluate import KS
 
-from .workflow import copy_run, copy_workflow, snakemake
+from .workflow import copy_workflow, snakemake
 
 pytestmark = pytest.mark.slow
 
 METHODS = ["random", "bm25", "tracin", "tracin_ln", "rapidin_k1024", "rapidin_k4096"]
+# The backdoor answers what clean samples about the sky answer too: its text no longer gives the poisoned samples
+# away to BM25, while what the model learned from them still does to influence.
+CAMOUFLAGED = "The sky is usually blue."
 
 
 @pytest.fixture(scope="module")
-def backdoor_table(tiny_run, tmp_path_factory) -> list[dict]:
-    """The tiny run's workflow with an experiment section added: only the methods' jobs and the table run."""
-    workdir = copy_run(tiny_run.parents[1], tmp_path_factory.mktemp("experiment") / "run")
-    experiment = f"experiment={{study: backdoor, methods: [{', '.join(METHODS)}]}}"
-    result = snakemake(workdir, "--configfile", "config/tiny.yaml", "--config", experiment)
+def backdoor_table(tmp_path_factory) -> list[dict]:
+    """The tiny config with a camouflaged backdoor and an experiment section: pipeline, methods, table."""
+    workdir = copy_workflow(tmp_path_factory.mktemp("experiment"))
+    overrides = [
+        f"demo={{backdoor_response: '{CAMOUFLAGED}'}}",
+        "tokenwise={enabled: false}",
+        f"experiment={{study: backdoor, methods: [{', '.join(METHODS)}]}}",
+    ]
+    result = snakemake(workdir, "--configfile", "config/tiny.yaml", "--config", *overrides)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "rule train_demo_model" not in result.stdout  # the pipeline's outputs are reused
     assert (workdir / "results/tiny/tables/tiny.md").read_text().count("\n| ") == len(METHODS) + 2  # header, rule, rows
     assert (workdir / "results/tiny/plots/tiny.png").stat().st_size > 0
     with open(workdir / "results/tiny/tables/tiny.csv", newline="") as handle:
@@ -36,16 +42,13 @@ def test_backdoor_table_columns_and_rows(backdoor_table):
     assert all(float(row["seconds"]) > 0 for row in backdoor_table)
 
 
-def test_influence_beats_random_and_rapidin_matches_exact_tracin_ln(backdoor_table):
+def test_influence_beats_random_and_bm25_and_rapidin_matches_exact_tracin_ln(backdoor_table):
     rows = {row["method"]: row for row in backdoor_table}
-    ks = [k for k in KS if rows["random"][f"auprc@{k}"]]  # k ≤ N/2
+    columns = [f"auprc@{k}" for k in KS if rows["random"][f"auprc@{k}"]] + ["ap_full"]  # k ≤ N/2
     for method in ("tracin_ln", "rapidin_k4096"):
-        for k in ks:
-            assert float(rows[method][f"auprc@{k}"]) > float(rows["random"][f"auprc@{k}"]) + 0.5
-            # BM25 is perfect here (the backdoor response is one fixed text): the influence methods match it on
-            # the top of the ranking, where the poisoned samples are
-            if k <= 10:
-                assert float(rows[method][f"auprc@{k}"]) >= float(rows["bm25"][f"auprc@{k}"]) - 1e-6
+        for column in columns:
+            assert float(rows[method][column]) > float(rows["random"][column]) + 0.5
+            assert float(rows[method][column]) > float(rows["bm25"][column]) + 0.05
     assert abs(float(rows["rapidin_k4096"]["auprc@100"]) - float(rows["tracin_ln"]["auprc@100"])) <= 0.02
 
 

@@ -11,12 +11,14 @@ rule make_demo_data:
         n_attacked=config["demo"]["n_attacked"],
         n_clean=config["demo"]["n_clean"],
         seed=config["demo"]["seed"],
+        backdoor_response=config["demo"]["backdoor_response"],
     log:
         "results/{name}/logs/make_demo_data.log",
     shell:
         "rapidin make-demo-data --train-out {output.train} --queries-out {output.queries}"
         " --n-train {params.n_train} --poison-fraction {params.poison_fraction} --n-attacked {params.n_attacked}"
-        " --n-clean {params.n_clean} --seed {params.seed} 2>&1 | tee {log}"
+        " --n-clean {params.n_clean} --seed {params.seed} --backdoor-response {params.backdoor_response:q}"
+        " 2>&1 | tee {log}"
 
 
 rule train_demo_model:
