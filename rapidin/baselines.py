@@ -19,7 +19,8 @@ from tqdm import tqdm
 
 from rapidin.data import Record, TokenizedDataset, read_records
 from rapidin.errors import RapidinError, StoreMismatchError
-from rapidin.loss import collate, mean_weights, weighted_loss
+from rapidin.grads import loss_batch
+from rapidin.loss import weighted_loss
 from rapidin.model import blocks_fingerprint, load_model, parameter_blocks, select_modules
 from rapidin.store import atomic_dir, read_settings, write_settings
 
@@ -126,11 +127,8 @@ def lissa_queries(
 
     def sampled_hvp(vectors: torch.Tensor) -> torch.Tensor:
         rows = rng.choice(len(dataset), size=min(batch_size, len(dataset)), replace=False)
-        batch = collate([dataset.sample(int(r)) for r in rows], tokenizer.pad_token_id)
-        masks = torch.nn.utils.rnn.pad_sequence(
-            [torch.from_numpy(dataset.loss_mask_of(int(r))) for r in rows], batch_first=True
-        )
-        return model_hvp(model, params, batch, mean_weights(masks), vectors)
+        batch, weights = loss_batch(dataset, rows, tokenizer.pad_token_id, params[0].device)
+        return model_hvp(model, params, batch, weights, vectors)
 
     ihvp = lissa(v, sampled_hvp, depth, scale, damping)
     lissa_settings = {"depth": depth, "scale": scale, "damping": damping, "batch_size": batch_size, "seed": seed}

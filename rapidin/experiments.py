@@ -55,6 +55,14 @@ def stage_seconds(cost: dict) -> dict[str, float]:
     return {stage: benchmark_seconds(cost["benchmarks"].get(stage, [])) for stage in STAGES}
 
 
+def cost_columns(cost: dict) -> dict:
+    """A method's table columns `cache_bytes_per_sample` and `seconds` (all its jobs' wall-clock time)."""
+    return {
+        "cache_bytes_per_sample": cache_bytes_per_sample(cost),
+        "seconds": round(sum(stage_seconds(cost).values()), 1),
+    }
+
+
 def n_queries(cost: dict) -> int:
     return int(zarr.open_group(cost["scores"], mode="r")["scores"].shape[0])
 
@@ -91,9 +99,7 @@ def backdoor_table(
         for name in ("auprc", "auroc"):
             row |= {f"{name}@{k}": result.get(name, {}).get(str(k), "") for k in KS}
         row["ap_full"] = result.get("ap_full", "")
-        row["cache_bytes_per_sample"] = cache_bytes_per_sample(costs[method])
-        row["seconds"] = round(sum(stage_seconds(costs[method]).values()), 1)
-        rows.append(row)
+        rows.append(row | cost_columns(costs[method]))
     columns = ["method", *METRIC_COLUMNS, "cache_bytes_per_sample", "seconds"]
     shown = [c for c in columns if any(row[c] != "" for row in rows)]  # k > N/2 is not computed
     markdown = f"# {title}\n\n{_markdown(rows, shown)}\n{speedup_note(methods, costs)}"
@@ -138,9 +144,7 @@ def error_tracing_table(
         row: dict = {"method": method}
         for kind in ("whole", "target"):
             row |= {f"precision@{k}_{kind}": precision[kind][str(k)] for k in TRACING_KS}
-        row["cache_bytes_per_sample"] = cache_bytes_per_sample(costs[method])
-        row["seconds"] = round(sum(stage_seconds(costs[method]).values()), 1)
-        rows.append(row)
+        rows.append(row | cost_columns(costs[method]))
     columns = list(rows[0])
     markdown = (
         f"# {title}\n\nPrecision@k of the swapped samples among each query's top k, mean over the whole-response "

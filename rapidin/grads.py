@@ -203,6 +203,13 @@ def tokens_fingerprint(dataset, rows) -> str:
     return digest.hexdigest()[:16]
 
 
+def loss_batch(dataset, rows, pad_id: int, device) -> tuple[Batch, torch.Tensor]:
+    """The dataset rows as one Batch on `device`, with (B, T-1) weights averaging each row's loss over its loss mask."""
+    batch = collate([dataset.sample(row) for row in rows], pad_id).to(device)
+    masks = pad_sequence([torch.from_numpy(dataset.loss_mask_of(row)) for row in rows], batch_first=True)
+    return batch, mean_weights(masks.to(device))
+
+
 def _chunk_gradients(model, modules, compressor, dataset, rows, batch_tokens, pad_id) -> dict[str, np.ndarray]:
     """Vectors for the given global rows, in row order: {array name: (len(rows), dim) float32}.
 
@@ -212,9 +219,7 @@ def _chunk_gradients(model, modules, compressor, dataset, rows, batch_tokens, pa
     lengths = np.array([dataset.length(i) for i in rows])
     result = {name: np.zeros((len(rows), dim), np.float32) for name, dim in compressor.arrays.items()}
     for positions in token_budget_batches(lengths, batch_tokens):
-        batch = collate([dataset.sample(rows[p]) for p in positions], pad_id).to(device)
-        masks = pad_sequence([torch.from_numpy(dataset.loss_mask_of(rows[p])) for p in positions], batch_first=True)
-        weights = mean_weights(masks.to(device))  # (B, T-1)
+        batch, weights = loss_batch(dataset, [rows[p] for p in positions], pad_id, device)
         for name, vectors in sample_gradients(model, modules, compressor, batch, weights).items():
             result[name][positions] = vectors.float().cpu().numpy()
     return result

@@ -199,9 +199,14 @@ check_experiment()
 
 def method_source(method):
     """(cache variant, array) a gradient method scores; lissa scores its own queries against variant exact_raw."""
-    fixed = {"tracin": ("exact_raw", "exact"), "lissa": ("exact_raw", "exact"), "tracin_ln": ("exact", "exact")}
-    if method in fixed or method == "factored":
-        return fixed.get(method, ("factored", "factored"))
+    fixed = {
+        "tracin": ("exact_raw", "exact"),
+        "lissa": ("exact_raw", "exact"),
+        "tracin_ln": ("exact", "exact"),
+        "factored": ("factored", "factored"),
+    }
+    if method in fixed:
+        return fixed[method]
     k, seed = RAPIDIN_METHOD.fullmatch(method).groups()
     seed = config["cache"]["seed"] if seed is None else int(seed)
     return ("main" if seed == config["cache"]["seed"] else f"seed{seed}"), f"k{k}"
