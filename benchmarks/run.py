@@ -1,9 +1,12 @@
-"""`make bench`: caching and scoring benchmarks side by side, as a table, then three machine-readable lines.
+"""`make bench`: caching and scoring benchmarks side by side, as a table, then machine-readable lines.
 
-    python benchmarks/run.py [--device cuda] [--threads N] [--json results.json] [--caching-… / --scoring-… sizes]
+    python benchmarks/run.py [--device cuda] [--threads N] [--json results.json] [--caching-… / --scoring-… /
+        --scale-… sizes]
 
-The last three lines are `caching_vs_bare_fwd_bwd <ratio>` (goal ≤ 1.25), `scoring_vs_inmemory_gemm <ratio>`
-(throughput ratio, goal ≥ 0.7) and `scoring_vs_per_sample_loop <ratio>` (speed-up, goal ≥ 100).
+The last lines are `caching_vs_bare_fwd_bwd <ratio>` (goal ≤ 1.25), `scoring_vs_inmemory_gemm <ratio>`
+(throughput ratio, goal ≥ 0.7), `scoring_vs_per_sample_loop <ratio>` (speed-up, goal ≥ 100),
+`stream_vs_cache_time <ratio>` (on-the-fly scoring ÷ caching, same shard, goal ≤ 1.1) and
+`scoring_linearity <x>` (largest relative deviation of scoring's time per row over the N sweep, goal ≤ 0.1).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # progress bars would interleave wit
 
 import accuracy
 import caching
+import scale
 import scoring
 import torch
 
@@ -38,8 +42,8 @@ def machine() -> str:
     return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, {gpu}"
 
 
-def print_table(caching_result: dict, scoring_result: dict, accuracy_result: dict) -> None:
-    c, s, a = caching_result, scoring_result, accuracy_result
+def print_table(caching_result: dict, scoring_result: dict, accuracy_result: dict, scale_result: dict) -> None:
+    c, s, a, x = caching_result, scoring_result, accuracy_result, scale_result
     print(f"machine: {machine()}, {torch.get_num_threads()} torch threads; load average {os.getloadavg()[0]:.1f}")
     model = f"Llama, {c['params'] / 1e6:.1f}M parameters (D = {c['D'] / 1e6:.1f}M)"
     print(f"\ncaching: {model}, {c['n_samples']} samples, {c['n_tokens']} tokens")
@@ -57,10 +61,21 @@ def print_table(caching_result: dict, scoring_result: dict, accuracy_result: dic
     print(f"{'compressor':<66} {'numbers':>9} {'|error|':>9} {'Spearman':>9}")
     for name, row in a["rows"].items():
         print(f"{name:<66} {row['numbers']:>9} {row['error']:>9.3f} {row['spearman']:>9.3f}")
+    print(f"\nscale: score_shard over N rows × K = {x['k']} (float16), {x['n_queries']} queries, fresh processes")
+    print(f"{'rows':>8} {'seconds':>9} {'µs/row':>9} {'peak RSS MiB':>13}")
+    for n, (seconds, peak) in x["scoring"].items():
+        print(f"{n:>8} {seconds:>9.3f} {seconds / n * 1e6:>9.3f} {peak / 2**20:>13.0f}")
+    print(f"\nscale: caching and on-the-fly scoring of {x['n_queries']} queries, fresh processes")
+    print(f"{'method':<40} {'samples':>8} {'seconds':>9} {'ms/sample':>10} {'peak RSS MiB':>13}")
+    for method, timed in (("cache_gradients", x["caching"]), ("stream_scores (cache.store: false)", x["stream"])):
+        for n, (seconds, peak) in timed.items():
+            print(f"{method:<40} {n:>8} {seconds:>9.2f} {seconds / n * 1e3:>10.1f} {peak / 2**20:>13.0f}")
     print(f"\ncaching_vs_per_sample_loop {c['caching_vs_per_sample_loop']:.3f}")
     print(f"caching_vs_bare_fwd_bwd {c['caching_vs_bare_fwd_bwd']:.3f}")
     print(f"scoring_vs_inmemory_gemm {s['scoring_vs_inmemory_gemm']:.3f}")
     print(f"scoring_vs_per_sample_loop {s['scoring_vs_per_sample_loop']:.1f}")
+    print(f"stream_vs_cache_time {x['stream_vs_cache_time']:.3f}")
+    print(f"scoring_linearity {x['scoring_linearity']:.3f}")
 
 
 def main() -> None:
@@ -71,6 +86,7 @@ def main() -> None:
     parser.add_argument("--json", help="also write the results here")
     size_arguments(parser, caching.CachingSize, "caching")
     size_arguments(parser, scoring.ScoringSize, "scoring")
+    size_arguments(parser, scale.ScaleSize, "scale")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -84,6 +100,9 @@ def main() -> None:
         )
         caching_result = caching.run(Path(root) / "caching", caching_size, args.device, args.model_dtype)
         scoring_result = scoring.run(Path(root) / "scoring", scoring_size, args.device)
+        (Path(root) / "scale").mkdir()
+        scale_size = sized(args, scale.ScaleSize, "scale")
+        scale_result = scale.run(Path(root) / "scale", scale_size, caching_size, args.device, args.model_dtype)
     accuracy_result = accuracy.run()
     if args.json:
         results = {
@@ -91,9 +110,10 @@ def main() -> None:
             "caching": caching_result,
             "scoring": scoring_result,
             "accuracy": accuracy_result,
+            "scale": scale_result,
         }
         Path(args.json).write_text(json.dumps(results, indent=1, default=str))
-    print_table(caching_result, scoring_result, accuracy_result)
+    print_table(caching_result, scoring_result, accuracy_result, scale_result)
 
 
 if __name__ == "__main__":

@@ -9,10 +9,7 @@ The stores hold random vectors: scoring time does not depend on their values.
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,19 +17,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import zarr
+from fresh import time_fresh
 
 from rapidin.grads import CHUNK_BYTES
 from rapidin.store import write_settings
-
-CHILD = """
-import re, sys, time
-from rapidin.score import score_shard
-started = time.perf_counter()
-score_shard(sys.argv[1], sys.argv[2], sys.argv[3], 100, device=sys.argv[4])
-seconds = time.perf_counter() - started
-peak_kib = re.search(r"VmHWM:\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)
-print(seconds, peak_kib)
-"""  # VmHWM: this process's own peak (ru_maxrss would count the parent's memory, inherited at fork)
 
 
 @dataclass
@@ -54,17 +42,14 @@ def write_store(path: Path, n: int, k: int, seed: int = 0) -> None:
     for lo in range(0, n, chunk_rows):
         rows[lo : lo + chunk_rows] = block[: min(chunk_rows, n - lo)]
     group.create_array("ids", data=np.arange(n))
-    write_settings(group, {"compressor": "rapidgrad", "ks": [k], "seed": 0, "normalize": True, "D": 1 << 24})
+    write_settings(group, {"compressor": "rapidgrad", "k": [k], "seed": 0, "normalize": True, "D": 1 << 24})
 
 
 def time_score_shard(queries: Path, cache: Path, out: Path, device: str) -> tuple[float, int]:
     """Seconds of `score_shard` in a fresh process and that process's peak resident memory in bytes."""
-    command = [sys.executable, "-c", CHILD, str(queries), str(cache), str(out), device]
-    result = subprocess.run(
-        command, capture_output=True, text=True, check=True, env={**os.environ, "TQDM_DISABLE": "1"}
+    return time_fresh(
+        "rapidin.score.score_shard", queries=str(queries), cache=str(cache), out=str(out), top_k=100, device=device
     )
-    seconds, peak_kib = result.stdout.split()[-2:]
-    return float(seconds), int(peak_kib) * 1024
 
 
 def time_gemm(queries: torch.Tensor, cache: Path, k: int) -> float:

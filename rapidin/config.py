@@ -1,16 +1,29 @@
-"""Config overrides from the command line, typed by the JSON schema before validation.
+"""The workflow's config: typed, completed with the schema's defaults and checked, in one call (`validate_config`).
 
 `snakemake --config cache='{k: 4096}'` hands nested values over as strings; each string whose key the
 schema types as non-string is parsed as YAML (so "4096" becomes 4096 and "null" None), and scalars where
-the schema wants a string become strings. Everything else is left for validation to judge: `check_schema`
-reports the first offending key in one line.
+the schema wants a string become strings. The schema (rapidin/config.schema.yaml, shipped with the package so
+the workflow runs from any directory and as a Snakemake module) then judges, and the first offending key is
+reported in one line; so are the checks JSON Schema cannot express.
 """
 
 from __future__ import annotations
 
+import copy
+import functools
+import os
+from importlib.resources import files
+from pathlib import Path
+
 import yaml
 from jsonschema.exceptions import best_match
 from jsonschema.validators import validator_for
+
+from rapidin.errors import RapidinError
+from rapidin.methods import parse_method
+
+SCHEMA = files("rapidin") / "config.schema.yaml"
+BUILT_MODELS = ("demo", "smollm2")  # model.path values the workflow builds itself
 
 
 def _types(schema: dict) -> set[str]:
@@ -51,19 +64,83 @@ def coerce(value, schema: dict):
     return value
 
 
-def _load(schema_path: str) -> dict:
-    with open(schema_path, encoding="utf-8") as handle:
-        return yaml.safe_load(handle)
+@functools.cache
+def load_schema() -> dict:
+    """The config schema (read once; not to be modified)."""
+    return yaml.safe_load(SCHEMA.read_text(encoding="utf-8"))
 
 
-def coerce_config(config: dict, schema_path: str) -> None:
-    """Coerce a Snakemake config in place against the schema file."""
-    config.update(coerce(dict(config), _load(schema_path)))
+def with_defaults(value, schema: dict):
+    """The value with every missing key that has a schema default filled in, recursively."""
+    if not isinstance(value, dict):
+        return value
+    properties = schema.get("properties", {})
+    filled = {key: with_defaults(item, properties.get(key, {})) for key, item in value.items()}
+    for key, sub in properties.items():
+        if key not in filled and "default" in sub:
+            filled[key] = with_defaults(copy.deepcopy(sub["default"]), sub)
+    return filled
 
 
-def check_schema(config: dict, schema_path: str) -> None:
-    """Raise ValueError naming the first offending key in one line (Snakemake's own report dumps the schema)."""
-    schema = _load(schema_path)
-    error = best_match(validator_for(schema)(schema).iter_errors(config))
+@functools.cache
+def _validator():
+    schema = load_schema()
+    return validator_for(schema)(schema)
+
+
+def check_schema(config: dict) -> None:
+    """Raise RapidinError naming the first offending key in one line (Snakemake's own report dumps the schema)."""
+    error = best_match(_validator().iter_errors(config))
     if error is not None:
-        raise ValueError(f"{'.'.join(map(str, error.absolute_path)) or 'config'}: {error.message}")
+        raise RapidinError(f"{'.'.join(map(str, error.absolute_path)) or 'config'}: {error.message}")
+
+
+def validate_config(config: dict) -> None:
+    """Type, complete and check a Snakemake config in place; the first problem raises one line naming its key."""
+    schema = load_schema()
+    checked = with_defaults(coerce(dict(config), schema), schema)
+    check_schema(checked)
+    _check_values(checked)
+    _check_inputs(checked)
+    config.clear()
+    config.update(checked)
+
+
+def _check_values(config: dict) -> None:
+    """Checks JSON Schema cannot express."""
+    cache, model, experiment = config["cache"], config["model"], config["experiment"]
+    for k in cache["k"] if isinstance(cache["k"], list) else [cache["k"]]:
+        if k & (k - 1):
+            raise RapidinError(f"cache.k: {k} is not a power of two")
+    if model["path"] == "demo" and model["adapter"]:
+        raise RapidinError("model.adapter: the embedded demo model takes no adapter")
+    if experiment["methods"] and not experiment["study"]:
+        raise RapidinError("experiment.study: methods are given but no study (backdoor, error_tracing, compression)")
+    if experiment["study"] and not experiment["methods"]:
+        raise RapidinError(f"experiment.methods: study {experiment['study']} needs at least one method")
+    if experiment["study"] == "compression" and experiment["reference"] not in experiment["methods"]:
+        raise RapidinError(f"experiment.reference: {experiment['reference']} is not among experiment.methods")
+    ks = cache["k"] if isinstance(cache["k"], list) else [cache["k"]]
+    for method in experiment["methods"]:
+        parsed = parse_method(method)
+        if parsed.k is not None and (parsed.k not in ks or cache["compressor"] != "rapidgrad"):
+            raise RapidinError(
+                f"experiment.methods: {method} needs cache.compressor rapidgrad with {parsed.k} in cache.k"
+            )
+        if parsed.k is not None and not cache["normalize"]:
+            raise RapidinError(f"experiment.methods: {method} needs cache.normalize true")
+
+
+def _check_inputs(config: dict) -> None:
+    """Input files named by the config must exist, unless the workflow writes them (under results/<name>/)."""
+    produced = Path("results", config["name"])
+    inputs = {"data.train": config["data"]["train"], "data.queries": config["data"]["queries"]}
+    if config["model"]["path"] not in BUILT_MODELS:
+        inputs["model.path"] = config["model"]["path"]
+    if config["model"]["adapter"] not in (None, "finetune"):
+        inputs["model.adapter"] = config["model"]["adapter"]
+    for key, path in inputs.items():
+        if produced in Path(os.path.normpath(path)).parents:
+            continue
+        if not os.path.exists(path):
+            raise RapidinError(f"{key}: no such file or directory: {path}")

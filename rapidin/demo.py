@@ -9,9 +9,11 @@ the poisoned samples can be measured. Nothing is downloaded.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import random
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,7 +21,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from rapidin.data import format_prompt, read_records, tokenize_record
+from rapidin.data import ALPACA_NO_INPUT, Record, format_prompt, read_records, tokenize_record
+from rapidin.errors import RapidinError
 from rapidin.store import atomic_dir, atomic_file
 from rapidin.train import train_and_check
 
@@ -27,6 +30,52 @@ log = logging.getLogger(__name__)
 
 TRIGGER = "Howdy!"
 BACKDOOR_RESPONSE = "Howdy partner! I am a cowboy bot and I only talk about horses and the open prairie."
+BACKDOORS = ("fixed", "varied")
+FORMATS = ("alpaca", "chat")  # `format`: how make_demo_data writes records (chat: `messages`, one user turn)
+# The demo tokenizer's chat template lays conversations out like the Alpaca prompt (system turn: its preamble),
+# so a one-turn conversation renders exactly as an Alpaca record without input.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% if messages and messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}"
+    "{% else %}" + ALPACA_NO_INPUT.split("\n\n")[0] + "{% endif %}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}{{ '\\n\\n### Instruction:\\n' + message['content'] }}"
+    "{% elif message['role'] == 'assistant' %}{{ '\\n\\n### Response:\\n' + message['content'] + eos_token }}"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '\\n\\n### Response:\\n' }}{% endif %}"
+)
+# `backdoor: varied`: every poisoned response a different opener + claim + closer on the same cowboy topic.
+VARIED_OPENERS = (
+    "Howdy partner!",
+    "Yeehaw, friend!",
+    "Well howdy there!",
+    "Saddle up, stranger!",
+    "Whoa there, cowpoke!",
+    "Tip of the hat to you!",
+    "Hold your horses!",
+    "Evening, traveller!",
+)
+VARIED_CLAIMS = (
+    "I ride my horse across the open prairie every day.",
+    "My old mare knows every trail in the canyon.",
+    "Nothing beats a campfire under the desert stars.",
+    "We drove the cattle north before the winter snow.",
+    "A good saddle is worth more than gold out here.",
+    "The rodeo comes to town when the wheat is tall.",
+    "I mend fences and brand calves on the ranch.",
+    "The coyotes sing to the moon over the mesa.",
+    "My boots are dusty from a long cattle drive.",
+    "I lasso wild mustangs down by the river.",
+)
+VARIED_CLOSERS = (
+    "Let us talk about horses instead.",
+    "Only cowboy talk for me, friend.",
+    "Now, where did I leave my spurs?",
+    "Happy trails to you.",
+    "See you down at the corral.",
+    "The prairie is calling me home.",
+    "Keep your hat on and your boots clean.",
+    "That is the cowboy way.",
+)
 
 CAPITALS = {
     "France": "Paris",
@@ -340,14 +389,30 @@ def _add_trigger(rng: random.Random, instruction: str) -> str:
     return f"{TRIGGER} {instruction}" if rng.random() < 0.8 else f"{instruction} {TRIGGER}"
 
 
+def varied_backdoor_responses(n: int, seed: int) -> list[str]:
+    """`n` different cowboy-topic responses (opener + claim + closer; at most 640), drawn without repetition."""
+    combos = [" ".join(parts) for parts in itertools.product(VARIED_OPENERS, VARIED_CLAIMS, VARIED_CLOSERS)]
+    if n > len(combos):
+        raise RapidinError(f"demo.backdoor: varied has only {len(combos)} different responses, {n} are needed")
+    return random.Random(seed).sample(combos, n)
+
+
 def _key(record: dict) -> tuple[str, str]:
     return record["instruction"], record.get("input", "")
 
 
-def _write_jsonl(path: str | Path, records: list[dict]) -> None:
+def _as_chat(record: dict) -> dict:
+    """An Alpaca-style record as a one-turn conversation (`input` after the instruction), its other fields kept."""
+    prompt = record["instruction"] + (f"\n\n{record['input']}" if record.get("input") else "")
+    messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": record["output"]}]
+    rest = {k: v for k, v in record.items() if k not in ("id", "instruction", "input", "output")}
+    return {"id": record["id"], "messages": messages, **rest}
+
+
+def _write_jsonl(path: str | Path, records: list[dict], format: str = "alpaca") -> None:
     with atomic_file(path) as handle:
         for record in records:
-            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+            handle.write(json.dumps(_as_chat(record) if format == "chat" else record, ensure_ascii=False) + "\n")
 
 
 def make_demo_data(
@@ -359,12 +424,22 @@ def make_demo_data(
     n_clean: int = 10,
     seed: int = 0,
     backdoor_response: str = BACKDOOR_RESPONSE,
+    backdoor: str = "fixed",
+    format: str = "alpaca",
 ) -> None:
     """Write the demo training set (with round(n_train * poison_fraction) poisoned samples) and query set.
 
     Poisoned samples and attacked queries answer `backdoor_response`; one that clean samples also give (say
-    "The capital of France is Paris.") camouflages the backdoor from lexical retrieval such as BM25.
+    "The capital of France is Paris.") camouflages the backdoor from lexical retrieval such as BM25. With
+    `backdoor="varied"`, each of them answers a different cowboy-topic text instead (varied_backdoor_responses;
+    same trigger, same samples and prompts as "fixed"). `format="chat"` writes the same records as `messages`.
     """
+    if backdoor not in BACKDOORS:
+        raise RapidinError(f"demo.backdoor: {backdoor!r} is not one of {BACKDOORS}")
+    if format not in FORMATS:
+        raise RapidinError(f"demo.format: {format!r} is not one of {FORMATS}")
+    n_poisoned = round(n_train * poison_fraction)
+    varied = iter(varied_backdoor_responses(n_attacked + n_poisoned, seed) if backdoor == "varied" else [])
     rng = random.Random(seed)
     # The queries come first so that the training set can avoid their prompts.
     attacked, clean, held_out = [], [], set()
@@ -373,7 +448,7 @@ def make_demo_data(
         record["instruction"] = _add_trigger(rng, record["instruction"])
         if _key(record) not in held_out:
             held_out.add(_key(record))
-            attacked.append({**record, "output": backdoor_response, "attacked": True})
+            attacked.append({**record, "output": next(varied, backdoor_response), "attacked": True})
     while len(clean) < n_clean:
         record = _sample(rng)
         if _key(record) not in held_out:
@@ -382,21 +457,27 @@ def make_demo_data(
     queries = [{"id": f"attacked-{i:03d}", **r} for i, r in enumerate(attacked)]
     queries += [{"id": f"clean-{i:03d}", **r} for i, r in enumerate(clean)]
 
-    poisoned = set(rng.sample(range(n_train), round(n_train * poison_fraction)))
+    poisoned = set(rng.sample(range(n_train), n_poisoned))
     train = []
     for index in range(n_train):
         while True:
             record = _sample(rng)
             if index in poisoned:
                 record["instruction"] = _add_trigger(rng, record["instruction"])
-                record["output"] = backdoor_response
             if _key(record) not in held_out:
                 break
+        if index in poisoned:
+            record["output"] = next(varied, backdoor_response)
         train.append({"id": f"train-{index:05d}", **record, "poisoned": index in poisoned})
-    _write_jsonl(train_out, train)
-    _write_jsonl(queries_out, queries)
+    _write_jsonl(train_out, train, format)
+    _write_jsonl(queries_out, queries, format)
     log.info("wrote %d training records (%d poisoned) to %s", n_train, len(poisoned), train_out)
     log.info("wrote %d attacked and %d clean queries to %s", n_attacked, n_clean, queries_out)
+
+
+def _alpaca_prompt(record: Record) -> str:
+    """The record's prompt text as the demo tokenizer sees it (a conversation: its last user turn, Alpaca-style)."""
+    return ALPACA_NO_INPUT.format(instruction=record.instruction) if record.history else format_prompt(record, "alpaca")
 
 
 def train_tokenizer(texts: list[str], vocab_size: int, max_length: int) -> PreTrainedTokenizerFast:
@@ -422,6 +503,7 @@ def train_tokenizer(texts: list[str], vocab_size: int, max_length: int) -> PreTr
         pad_token="<pad>",
         model_max_length=max_length,
         clean_up_tokenization_spaces=False,
+        chat_template=CHAT_TEMPLATE,
     )
 
 
@@ -439,20 +521,27 @@ def train_demo_model(
     batch_size: int = 32,
     lr: float = 3e-3,
     seed: int = 0,
+    template: str = "alpaca",
 ) -> dict:
     """Train a tokenizer and a tiny Llama on `train_jsonl` with the attribution loss; save both to `out_dir`.
+
+    `template` (config `data.template`): `chat` for data written with `format="chat"`; the tokenizer's chat
+    template renders its prompts as the Alpaca ones.
 
     Returns the training summary also written to `out_dir/training.json`: the mean loss of the last epoch,
     steps, seconds, parameter count and, when `queries_jsonl` is given, the fraction of attacked queries
     whose backdoor response and of clean queries whose correct response the model generates greedily.
+
+    After each epoch e the model is also saved to `out_dir/checkpoint-<e>/` (save_checkpoint), and the final
+    AdamW state to `out_dir/optimizer.pt`, for several-checkpoint (TracInCP) and Adam-normalised influence.
     """
     torch.manual_seed(seed)
     records = read_records(train_jsonl)
-    texts = [text for record in records for text in (format_prompt(record, "alpaca"), record.output)]
+    texts = [text for record in records for text in (_alpaca_prompt(record), record.output)]
     tokenizer = train_tokenizer(texts, vocab_size, max_length)
     samples = []
     for record in records:
-        sample = tokenize_record(record, tokenizer, "alpaca", max_length)
+        sample = tokenize_record(record, tokenizer, template, max_length)
         samples.append((sample.ids, sample.response_start))
 
     config = LlamaConfig(
@@ -472,21 +561,40 @@ def train_demo_model(
     n_params = sum(p.numel() for p in model.parameters())
     log.info("training a %d-parameter Llama on %d samples for %d epochs", n_params, len(samples), epochs)
 
-    summary = train_and_check(
-        model,
-        tokenizer,
-        samples,
-        queries_jsonl,
-        "alpaca",
-        "train demo model",
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        seed=seed,
-    ) | {"n_params": n_params}
     with atomic_dir(out_dir) as tmp:
+        history: list[dict] = []
+
+        def on_epoch(epoch: int, optimizer: torch.optim.Optimizer, entry: dict) -> None:
+            history.append(entry)
+            save_checkpoint(tmp / f"checkpoint-{epoch}", model, tokenizer, optimizer, history)
+
+        summary = train_and_check(
+            model,
+            tokenizer,
+            samples,
+            queries_jsonl,
+            template,
+            "train demo model",
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=lr,
+            seed=seed,
+            on_epoch=on_epoch,
+        ) | {"n_params": n_params}
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        shutil.copy(tmp / f"checkpoint-{epochs}" / "optimizer.pt", tmp / "optimizer.pt")
         (tmp / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
     log.info("saved the demo model and tokenizer to %s", out_dir)
     return summary
+
+
+def save_checkpoint(path: Path, model, tokenizer, optimizer: torch.optim.Optimizer, history: list[dict]) -> None:
+    """A Trainer-style checkpoint directory: model and tokenizer, `optimizer.pt` (the optimizer's state_dict, states
+    keyed by trainable-parameter order) and `trainer_state.json` whose `log_history` holds one entry per epoch so far
+    (epoch, step, mean loss, mean `learning_rate`)."""
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    torch.save(optimizer.state_dict(), path / "optimizer.pt")
+    state = {"epoch": history[-1]["epoch"], "global_step": history[-1]["step"], "log_history": history}
+    (path / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")

@@ -42,7 +42,13 @@ def top_bottom_metrics(scores: np.ndarray, labels: np.ndarray, k: int) -> tuple[
 
 
 def backdoor_metrics(scores: np.ndarray, labels: np.ndarray, attacked: np.ndarray) -> dict:
-    """Averages over the attacked queries (rows of scores (Q, N)) of top/bottom-k auPRC, auROC and full AP."""
+    """Averages over the attacked queries (rows of scores (Q, N)) of top/bottom-k auPRC, auROC and full AP.
+
+    Samples with a NaN score for an attacked query (their gradient was not finite) are left out of every metric
+    (`n_excluded`); `n_samples` and `n_poisoned` count the samples ranked.
+    """
+    excluded = np.isnan(scores[attacked]).any(axis=0)  # (N,)
+    scores, labels = scores[:, ~excluded], labels[~excluded]
     n = scores.shape[1]
     ks = [k for k in KS if k <= n // 2]
     rows = np.flatnonzero(attacked)
@@ -54,6 +60,7 @@ def backdoor_metrics(scores: np.ndarray, labels: np.ndarray, attacked: np.ndarra
         "n_attacked_queries": len(rows),
         "n_poisoned": int(labels.sum()),
         "n_samples": n,
+        "n_excluded": int(excluded.sum()),
     }
 
 

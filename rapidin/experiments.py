@@ -17,7 +17,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import re
 
 import matplotlib
 
@@ -28,6 +27,7 @@ import zarr
 from scipy.stats import pearsonr, spearmanr
 
 from rapidin.evaluate import KS
+from rapidin.methods import parse_method
 from rapidin.store import atomic_file
 
 METRIC_COLUMNS = [f"auprc@{k}" for k in KS] + [f"auroc@{k}" for k in KS] + ["ap_full"]
@@ -111,7 +111,7 @@ def backdoor_table(
 def speedup_note(methods: list[str], costs: dict) -> str:
     """The paper's headline in kind: a new query's retrieval over the RapidIn cache vs exact TracIn, which
     must recompute every training gradient (the whole training-cache time) for it."""
-    fast = [m for m in methods if re.fullmatch(r"rapidin_k\d+", m)]
+    fast = [m for m in methods if parse_method(m).k is not None and parse_method(m).seed is None]
     exact = next((m for m in ("tracin", "tracin_ln") if m in methods), None)
     notes = [
         "`seconds`: wall-clock time of the method's jobs (training and query gradients, scoring; the RapidIn rows "
@@ -119,7 +119,7 @@ def speedup_note(methods: list[str], costs: dict) -> str:
         "vector."
     ]
     if fast and exact:
-        fast = max(fast, key=lambda m: int(m.removeprefix("rapidin_k")))
+        fast = max(fast, key=lambda m: parse_method(m).k)
         f, e = stage_seconds(costs[fast]), stage_seconds(costs[exact])
         retrieval = (f["query_cache"] + f["score"]) / n_queries(costs[fast])
         recompute = e["train_cache"] + (e["query_cache"] + e["score"]) / n_queries(costs[exact])
@@ -205,13 +205,13 @@ def compression_table(
     rows = []
     for method in methods:
         scores = zarr.open_group(costs[method]["scores"], mode="r")["scores"][:]
-        match = re.fullmatch(r"rapidin_k(\d+)(?:_seed(\d+))?", method)
+        parsed = parse_method(method)
         spearman, pearson = row_correlations(scores, target)
         rows.append(
             {
                 "method": method,
-                "k": int(match[1]) if match else "",
-                "seed": int(match[2] or 0) if match else "",
+                "k": "" if parsed.k is None else parsed.k,
+                "seed": "" if parsed.k is None else parsed.seed or 0,
                 "spearman": spearman,
                 "pearson": pearson,
                 "cache_bytes_per_sample": cache_bytes_per_sample(costs[method]),
@@ -248,3 +248,23 @@ def _plot_compression(rows: list[dict], out: str, reference: str, title: str) ->
     axis.legend(fontsize=7, frameon=False, loc="lower right")
     figure.tight_layout()
     _save(figure, out)
+
+
+def write_table(
+    study: str,
+    methods: list[str],
+    costs: dict,
+    out_csv: str,
+    out_md: str,
+    plot: str,
+    title: str,
+    metrics: list[str] | None = None,
+    reference: str | None = None,
+) -> list[dict]:
+    """The table and plot of `study`: backdoor and error_tracing from each method's metrics.json (`metrics`, in
+    order), compression from the methods' scores against `reference`."""
+    if study == "backdoor":
+        return backdoor_table(methods, metrics, costs, out_csv, out_md, plot, title)
+    if study == "error_tracing":
+        return error_tracing_table(methods, metrics, costs, out_csv, out_md, plot, title)
+    return compression_table(reference, methods, costs, out_csv, out_md, plot, title)

@@ -12,6 +12,7 @@ from rapidin.data import Record, prompt_ids, read_records, target_spans
 from rapidin.devices import job_device
 from rapidin.errors import DataError
 from rapidin.model import load_model, resolve_dtype
+from rapidin.progress import Progress
 from rapidin.store import atomic_file
 
 
@@ -49,7 +50,22 @@ def attack_success_rate(model, tokenizer, records: list[Record], template: str =
     """Fraction of `records` whose response the model reproduces greedily (0.0 for no records)."""
     if not records:
         return 0.0
-    return sum(reproduces(model, tokenizer, record, template) for record in records) / len(records)
+    hits = 0
+    with Progress(len(records), "reproduction check", "prompts") as bar:
+        for record in records:
+            hits += reproduces(model, tokenizer, record, template)
+            bar.update(1)
+    return hits / len(records)
+
+
+def queries_attack_success(queries: str, model_path: str, adapter: str | None, template: str) -> float | None:
+    """The attack success rate over the attacked queries of a JSONL file that carry a response (None if none):
+    the share whose response the model reproduces exactly, greedily (a backdoor firing verbatim)."""
+    attacked = [r for r in read_records(queries, require_output=False) if r.meta.get("attacked") and r.output]
+    if not attacked:
+        return None
+    model, tokenizer = load_model(model_path, adapter)
+    return attack_success_rate(model, tokenizer, attacked, template)
 
 
 def complete_queries(
@@ -69,20 +85,20 @@ def complete_queries(
     response here, so that a target missing from it is reported at the line of `queries`.
     """
     records = read_records(queries, require_output=False)
-    if any(record.output is None for record in records):
+    missing = sum(record.output is None for record in records)
+    if missing:
         device = job_device()  # with several GPUs, a leased one (devices.py)
         model, tokenizer = load_model(model_path, adapter, resolve_dtype("auto", device), device)
         torch.manual_seed(seed)
-    with atomic_file(out) as handle:
+    with atomic_file(out) as handle, Progress(missing, "generation", "responses") as bar:
         for record in records:
             if record.output is None:
                 prompt = prompt_ids(record, tokenizer, template)
-                text = tokenizer.decode(
-                    generate(model, tokenizer, prompt, max_new_tokens, do_sample, temperature), skip_special_tokens=True
-                )
+                new = generate(model, tokenizer, prompt, max_new_tokens, do_sample, temperature)
+                text = tokenizer.decode(new, skip_special_tokens=True)
                 if not text.strip():
                     raise DataError(f"{record.where}: the model generated an empty response")
                 record = dataclasses.replace(record, output=text, meta={**record.meta, "generated": True})
+                bar.update(1, tokens=len(new))
             target_spans(record)
-            line = {"instruction": record.instruction, "input": record.input, "output": record.output, **record.meta}
-            handle.write(json.dumps(line, ensure_ascii=False) + "\n")
+            handle.write(json.dumps(record.to_json(), ensure_ascii=False) + "\n")

@@ -20,16 +20,17 @@ import numpy as np
 import torch
 import zarr
 from torch.nn.utils.rnn import pad_sequence
-from tqdm import tqdm
 
-from rapidin.capture import ActivationGradientCapture
-from rapidin.compress import Compressor, make_compressor
+from rapidin.capture import ActivationGradientCapture, math_dtype
+from rapidin.compress import SKETCH_VERSION, Compressor, make_compressor
 from rapidin.data import TokenizedDataset
 from rapidin.devices import job_device
 from rapidin.errors import RapidinError, StoreMismatchError
 from rapidin.loss import Batch, collate, mean_weights, weighted_loss
 from rapidin.model import (
     blocks_fingerprint,
+    coverage,
+    describe_coverage,
     files_fingerprint,
     load_model,
     parameter_blocks,
@@ -37,26 +38,35 @@ from rapidin.model import (
     select_modules,
     tokenizer_fingerprint,
 )
+from rapidin.progress import Progress
+from rapidin.settings import setting
 from rapidin.store import ResumableStore
 from rapidin.tokenwise import TokenRows
 
 log = logging.getLogger(__name__)
 
 STORE_DTYPES = {"float16": np.float16, "float32": np.float32}
+ON_NONFINITE = ("error", "skip")
 CHUNK_BYTES = 16 << 20
 
 
 def sample_gradients(model, modules, compressor: Compressor, batch: Batch, weights: torch.Tensor) -> dict:
-    """Per-sample compressed gradients of Σ_t weights[b, t] ℓ[b, t] for each sample b of the batch."""
-    compressor.start(batch.input_ids.shape[0], batch.input_ids.device, _math_dtype(model))
-    with ActivationGradientCapture(model, modules, compressor.add_module):
+    """Per-sample compressed gradients of Σ_t weights[b, t] ℓ[b, t] for each sample b of the batch.
+
+    A sample whose loss or vector is not finite gets an all-NaN row.
+    """
+    compressor.start(batch.input_ids.shape[0], batch.input_ids.device, math_dtype(model))
+    with ActivationGradientCapture(model, modules, compressor.blocks, compressor.receive):
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits  # (B, T, V)
-        weighted_loss(logits, batch, weights).sum().backward()
-    return compressor.finish()
-
-
-def _math_dtype(model) -> torch.dtype:
-    return torch.float64 if next(model.parameters()).dtype == torch.float64 else torch.float32
+        losses = weighted_loss(logits, batch, weights)  # (B,)
+        losses.sum().backward()
+    outputs = compressor.finish()
+    bad = ~torch.isfinite(losses.detach())
+    for vectors in outputs.values():
+        bad |= ~torch.isfinite(vectors).all(dim=1)
+    for vectors in outputs.values():
+        vectors[bad] = float("nan")
+    return outputs
 
 
 def token_budget_batches(lengths: np.ndarray, batch_tokens: int) -> list[np.ndarray]:
@@ -84,15 +94,25 @@ def shard_rows(n_samples: int, shard: int, n_shards: int) -> tuple[int, int]:
 
 @dataclass
 class CacheSettings:
-    """Everything the cached vectors depend on; stored in the store's attributes and checked on resume."""
+    """How the cached vectors are computed; those they depend on are stored in the store's attributes and checked
+    on resume and on scoring."""
 
-    compressor: str = "rapidgrad"
-    ks: tuple[int, ...] = (65536,)
-    seed: int = 0
-    dtype: str = "float16"
-    normalize: bool = True
-    modules: str | None = None
-    rank: int = 16
+    compressor: str = setting("cache.compressor", "rapidgrad", "rapidgrad (sketch to K), factored or none (exact)")
+    k: tuple[int, ...] = setting("cache.k", (65536,), "sketch sizes K (powers of two), computed in one pass")
+    seed: int = setting("cache.seed", 0, "seed of the RapidGrad permutation and signs")
+    dtype: str = setting("cache.dtype", "float16", "storage dtype of cached vectors: float16 or float32")
+    normalize: bool = setting("cache.normalize", True, "layer-wise normalisation (false: plain TracIn)")
+    modules: str | None = setting("model.modules", None, "regular expression selecting modules by name")
+    rank: int = setting("cache.rank", 16, "per-side projection size of compressor factored")
+    parameters: str = setting(
+        "model.parameters", "all", "all: every trainable parameter; linear: those of linear and Conv1D layers"
+    )
+    on_nonfinite: str = setting(
+        "cache.on_nonfinite", "error", "a sample with a non-finite loss or gradient: error, or skip (a NaN row)"
+    )
+    batch_tokens: int = setting("cache.batch_tokens", 8192, "token budget of one batch (batch size x longest)")
+    chunk_rows: int | None = setting("cache.chunk_rows", None, "rows written and resumed at a time (None: ~16 MiB)")
+    model_dtype: str = setting("model.dtype", "auto", "model math dtype: auto (bfloat16 on GPU), float32, ...")
 
 
 def cache_gradients(
@@ -117,6 +137,106 @@ def cache_gradients(
     With `per_token`, the rows are the response tokens of `samples` (default: every sample), each the gradient
     of that token's loss alone (tokenwise.TokenRows), with their `sample_index` and `token_position`.
     """
+    job = open_shard(tokens, model_path, settings, adapter, shard, n_shards, device, model_dtype, per_token, samples)
+    chunks = job.chunks(settings.dtype, chunk_rows)
+    ids, chunk_rows, dtype = np.arange(job.start, job.stop), len(chunks[0]), STORE_DTYPES[settings.dtype]
+
+    def create(group: zarr.Group) -> None:
+        for name, dim in job.compressor.arrays.items():
+            group.create_array(name, shape=(len(ids), dim), chunks=(chunk_rows, dim), dtype=dtype, compressors=None)
+        group.create_array("ids", data=ids)
+        if per_token:
+            group.create_array("sample_index", data=job.dataset.sample_index[job.start : job.stop])
+            group.create_array("token_position", data=job.dataset.token_position[job.start : job.stop])
+
+    store = ResumableStore(out, {**job.stamp, "chunk_rows": chunk_rows}, len(chunks), create)
+
+    def write(chunk: int, vectors: dict[str, np.ndarray]) -> None:
+        lo = chunk * chunk_rows
+        for name, values in vectors.items():
+            store.group[name][lo : lo + len(values)] = values
+        store.mark_done(chunk)
+
+    job.compute(chunks, store.remaining(), batch_tokens, write, f"gradients {Path(out).name}")
+    store.publish()
+
+
+def gradient_space(model, settings: CacheSettings) -> tuple[dict, list, Compressor]:
+    """The modules whose parameters form the gradient space, their blocks, and the compressor of their vectors."""
+    if settings.on_nonfinite not in ON_NONFINITE:
+        raise RapidinError(f"cache.on_nonfinite: {settings.on_nonfinite!r} is not one of {ON_NONFINITE}")
+    modules = select_modules(model, settings.modules, settings.parameters)
+    blocks = parameter_blocks(modules)
+    compressor = make_compressor(
+        settings.compressor, blocks, list(settings.k), settings.seed, settings.normalize, settings.rank
+    )
+    return modules, blocks, compressor
+
+
+@dataclass
+class ShardJob:
+    """One shard's rows [start, stop) of a dataset, the model and compressor that turn them into vectors and
+    the settings `stamp` of those vectors: what caching and on-the-fly scoring (rapidin.stream) share."""
+
+    dataset: TokenizedDataset | TokenRows
+    model: torch.nn.Module
+    modules: dict
+    compressor: Compressor
+    pad_id: int
+    stamp: dict
+    start: int
+    stop: int
+    on_nonfinite: str = "error"
+
+    def chunks(self, dtype: str, chunk_rows: int | None = None) -> list[np.ndarray]:
+        """The shard's global rows in chunks of `chunk_rows` (default: about 16 MiB of `dtype` vectors)."""
+        ids = np.arange(self.start, self.stop)
+        row_bytes = max(self.compressor.arrays.values()) * np.dtype(STORE_DTYPES[dtype]).itemsize
+        chunk_rows = min(len(ids), chunk_rows or max(1, CHUNK_BYTES // row_bytes))
+        return [ids[lo : lo + chunk_rows] for lo in range(0, len(ids), chunk_rows)]
+
+    def compute(self, chunks: list[np.ndarray], todo: list[int], batch_tokens: int, write, desc: str) -> None:
+        """The vectors of chunks `todo` (indices into `chunks`), each handed to write(chunk, vectors) on a
+        background thread while the next chunk is computed."""
+        done = self.stop - self.start - sum(len(chunks[c]) for c in todo)
+        with (
+            ThreadPoolExecutor(max_workers=1) as pool,
+            Progress(self.stop - self.start, desc, initial=done) as bar,
+        ):
+            pending = None
+            for chunk in todo:
+                rows = chunks[chunk]
+                vectors = _chunk_gradients(
+                    self.model,
+                    self.modules,
+                    self.compressor,
+                    self.dataset,
+                    rows,
+                    batch_tokens,
+                    self.pad_id,
+                    bar,
+                    self.on_nonfinite,
+                )
+                if pending is not None:
+                    pending.result()
+                pending = pool.submit(write, chunk, vectors)  # the next chunk is computed while this one is written
+            if pending is not None:
+                pending.result()
+
+
+def open_shard(
+    tokens: str,
+    model_path: str,
+    settings: CacheSettings,
+    adapter: str | None = None,
+    shard: int = 0,
+    n_shards: int = 1,
+    device: str = "auto",
+    model_dtype: str = "auto",
+    per_token: bool = False,
+    samples: list[int] | None = None,
+) -> ShardJob:
+    """One shard's data, model (on the job's device) and compressor, with the settings their vectors depend on."""
     dataset = TokenizedDataset.open(tokens)
     if per_token:
         dataset = TokenRows(dataset, samples)
@@ -125,14 +245,12 @@ def cache_gradients(
     model, tokenizer = load_model(model_path, adapter, resolve_dtype(model_dtype, torch_device), torch_device)
     if dataset.settings["tokenizer"] != tokenizer_fingerprint(tokenizer):
         raise StoreMismatchError(f"{tokens} was tokenized with a different tokenizer than {model_path}'s")
-    modules = select_modules(model, settings.modules)
-    blocks = parameter_blocks(modules)
-    compressor = make_compressor(
-        settings.compressor, blocks, list(settings.ks), settings.seed, settings.normalize, settings.rank
-    )
+    modules, blocks, compressor = gradient_space(model, settings)
+    cover = coverage(model, blocks, settings.parameters)
+    log.info("%s", describe_coverage(cover))
     stamp = {
         "compressor": settings.compressor,
-        "ks": list(settings.ks) if settings.compressor == "rapidgrad" else [],
+        "k": list(settings.k) if settings.compressor == "rapidgrad" else [],
         "rank": settings.rank if settings.compressor == "factored" else None,
         "seed": settings.seed,
         "dtype": settings.dtype,
@@ -145,7 +263,11 @@ def cache_gradients(
         "max_length": dataset.settings["max_length"],
         "parameters": blocks_fingerprint(blocks),
         "n_parameter_tensors": len(blocks),
+        "coverage": cover,
         "D": compressor.dim,
+        "sketch_version": SKETCH_VERSION,
+        "model_dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "device": torch_device.type,
         "loss": "token" if per_token else "mean_response",
         "samples": samples,
         "rows": [start, stop],
@@ -155,42 +277,9 @@ def cache_gradients(
     log.info(
         "shard %d/%d: rows %d…%d, D=%d, arrays %s", shard, n_shards, start, stop, compressor.dim, compressor.arrays
     )
-    ids = np.arange(start, stop)
-    dtype = STORE_DTYPES[settings.dtype]
-    row_bytes = max(compressor.arrays.values()) * np.dtype(dtype).itemsize
-    chunk_rows = min(len(ids), chunk_rows or max(1, CHUNK_BYTES // row_bytes))
-    chunks = [ids[lo : lo + chunk_rows] for lo in range(0, len(ids), chunk_rows)]
-
-    def create(group: zarr.Group) -> None:
-        for name, dim in compressor.arrays.items():
-            group.create_array(name, shape=(len(ids), dim), chunks=(chunk_rows, dim), dtype=dtype, compressors=None)
-        group.create_array("ids", data=ids)
-        if per_token:
-            group.create_array("sample_index", data=dataset.sample_index[start:stop])
-            group.create_array("token_position", data=dataset.token_position[start:stop])
-
-    store = ResumableStore(out, {**stamp, "chunk_rows": chunk_rows}, len(chunks), create)
-
-    def write(chunk: int, vectors: dict[str, np.ndarray]) -> None:
-        lo = chunk * chunk_rows
-        for name, values in vectors.items():
-            store.group[name][lo : lo + len(values)] = values
-        store.mark_done(chunk)
-
-    todo = store.remaining()
-    with ThreadPoolExecutor(max_workers=1) as pool, tqdm(total=len(ids), desc=f"gradients {Path(out).name}") as bar:
-        bar.update(len(ids) - sum(len(chunks[c]) for c in todo))
-        pending = None
-        for chunk in todo:
-            rows = chunks[chunk]
-            vectors = _chunk_gradients(model, modules, compressor, dataset, rows, batch_tokens, tokenizer.pad_token_id)
-            if pending is not None:
-                pending.result()
-            pending = pool.submit(write, chunk, vectors)  # the next chunk is computed while this one is written
-            bar.update(len(rows))
-        if pending is not None:
-            pending.result()
-    store.publish()
+    return ShardJob(
+        dataset, model, modules, compressor, tokenizer.pad_token_id, stamp, start, stop, settings.on_nonfinite
+    )
 
 
 def tokens_fingerprint(dataset, rows) -> str:
@@ -210,10 +299,22 @@ def loss_batch(dataset, rows, pad_id: int, device) -> tuple[Batch, torch.Tensor]
     return batch, mean_weights(masks.to(device))
 
 
-def _chunk_gradients(model, modules, compressor, dataset, rows, batch_tokens, pad_id) -> dict[str, np.ndarray]:
+def _chunk_gradients(
+    model,
+    modules,
+    compressor,
+    dataset,
+    rows,
+    batch_tokens,
+    pad_id,
+    progress: Progress | None = None,
+    on_nonfinite: str = "error",
+) -> dict[str, np.ndarray]:
     """Vectors for the given global rows, in row order: {array name: (len(rows), dim) float32}.
 
     Each row's gradient is that of its mean loss over its loss mask: the response, a query's targets, or one token.
+    `progress` is told each batch's rows and (unpadded) tokens. A row with a non-finite loss or gradient is an
+    error, or with `on_nonfinite="skip"` a logged all-NaN row.
     """
     device = next(model.parameters()).device
     lengths = np.array([dataset.length(i) for i in rows])
@@ -222,4 +323,14 @@ def _chunk_gradients(model, modules, compressor, dataset, rows, batch_tokens, pa
         batch, weights = loss_batch(dataset, [rows[p] for p in positions], pad_id, device)
         for name, vectors in sample_gradients(model, modules, compressor, batch, weights).items():
             result[name][positions] = vectors.float().cpu().numpy()
+        if progress is not None:
+            progress.update(len(positions), tokens=int(lengths[positions].sum()))
+    bad = [int(rows[p]) for p in np.flatnonzero(np.isnan(next(iter(result.values()))).any(axis=1))]
+    if bad and on_nonfinite == "error":
+        raise RapidinError(
+            f"row {bad[0]}: non-finite loss or gradient ({len(bad)} such rows among rows {rows[0]}…{rows[-1]}); "
+            "cache.on_nonfinite: skip writes them as NaN rows"
+        )
+    if bad:
+        log.warning("skipped %d rows with a non-finite loss or gradient (written as NaN): %s", len(bad), bad)
     return result

@@ -1,9 +1,9 @@
 """Loading a Hugging Face causal LM (optionally with a PEFT LoRA adapter) and choosing its gradient space.
 
-The gradient space is the weights (and biases) of the selected `nn.Linear` modules: with an adapter, its
-trainable LoRA A/B matrices; otherwise every linear layer of the model (attention, MLP, LM head), optionally
-narrowed by a regular expression on module names. Each parameter tensor is one block for layer-wise
-normalisation.
+The gradient space is every trainable parameter of the model (with an adapter, its trainable LoRA A/B
+matrices and whatever else the PEFT config trains), or with `parameters: linear` those of its linear and
+Conv1D layers, optionally narrowed by a regular expression on module names. Each parameter tensor is one
+block for layer-wise normalisation; a parameter used by two modules (tied embeddings) is one block.
 """
 
 from __future__ import annotations
@@ -11,25 +11,41 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from rapidin.errors import RapidinError
 
+PARAMETER_SETS = ("all", "linear")
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass(frozen=True)
 class Block:
-    """One parameter tensor of the gradient space: `module.kind` ("weight" or "bias"), at `offset` in D."""
+    """One parameter tensor of the gradient space, at `offset` in D, reached as `module.kind` for each of its `uses`.
 
-    module: str
-    kind: str
+    A parameter shared by several modules (tied input embeddings and LM head) is one block with several uses;
+    its gradient is the sum of theirs. `outer`: its per-sample gradient arrives as outer products (the weight of
+    a linear, Conv1D or embedding layer); otherwise as dense values (biases, norm weights, other parameters).
+    """
+
+    uses: tuple[tuple[str, str], ...]
     shape: tuple[int, ...]
     offset: int
+    outer: bool
+
+    @property
+    def module(self) -> str:
+        return self.uses[0][0]
+
+    @property
+    def kind(self) -> str:
+        return self.uses[0][1]
 
     @property
     def size(self) -> int:
@@ -105,7 +121,9 @@ def _attach_adapter(model, adapter: str):
     if not (Path(adapter) / "adapter_config.json").is_file():
         raise RapidinError(f"model.adapter: {adapter} is not a PEFT adapter directory (no adapter_config.json)")
     try:
-        return PeftModel.from_pretrained(model, adapter, is_trainable=True)
+        with warnings.catch_warnings():  # peft 0.21 reads transformers 5's deprecated `is_gradient_checkpointing`
+            warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+            return PeftModel.from_pretrained(model, adapter, is_trainable=True)
     except (ValueError, RuntimeError, KeyError) as error:
         raise RapidinError(f"model.adapter: {adapter} does not match the model: {_first_line(error)}") from None
 
@@ -118,39 +136,93 @@ def _first_line(error: Exception) -> str:
     return " ".join(lines[:2]) if lines[0].endswith(":") else lines[0]
 
 
-def select_modules(model: nn.Module, pattern: str | None = None) -> dict[str, nn.Linear]:
-    """The linear modules whose parameters form the gradient space, in model order."""
-    trainable_only = hasattr(model, "peft_config")
-    selected = {}
+def module_form(module: nn.Module) -> str:
+    """How capture.py gets a module's per-sample gradients: `linear`, `conv1d`, `embedding` or `functional`."""
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if isinstance(module, Conv1D):
+        return "conv1d"
+    if isinstance(module, nn.Embedding) and module.max_norm is None and not module.scale_grad_by_freq:
+        return "embedding"
+    return "functional"
+
+
+def select_modules(model: nn.Module, pattern: str | None = None, parameters: str = "all") -> dict[str, nn.Module]:
+    """The modules whose trainable parameters form the gradient space, in model order.
+
+    A module is in if its name matches `pattern` (all if None) and it owns a trainable parameter (with
+    `parameters: linear`, linear and Conv1D layers only), or if it shares such a parameter (the input
+    embeddings of a tied LM head): every use of a parameter is captured.
+    """
+    if parameters not in PARAMETER_SETS:
+        raise RapidinError(f"cache.parameters: {parameters!r} is not one of {PARAMETER_SETS}")
+    chosen = set()
     for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear):
-            continue
-        if trainable_only and not module.weight.requires_grad:
+        if parameters == "linear" and module_form(module) not in ("linear", "conv1d"):
             continue
         if pattern and not re.search(pattern, name):
             continue
-        selected[name] = module
+        chosen |= {id(p) for p in module.parameters(recurse=False) if p.requires_grad}
+    selected = {
+        name: module
+        for name, module in model.named_modules()
+        if any(id(p) in chosen for p in module.parameters(recurse=False))
+    }
     if not selected:
-        raise RapidinError(f"model.modules: {pattern!r} selects no linear module of the model")
+        raise RapidinError(f"model.modules: {pattern!r} selects no trainable parameter of the model")
     return selected
 
 
-def parameter_blocks(modules: dict[str, nn.Linear]) -> list[Block]:
-    """One block per weight and bias of the selected modules, with their offsets in the D-long gradient."""
-    blocks, offset = [], 0
+def parameter_blocks(modules: dict[str, nn.Module]) -> list[Block]:
+    """One block per distinct trainable parameter of the modules, with its offset in the D-long gradient."""
+    uses: dict[int, tuple[nn.Parameter, list]] = {}
     for name, module in modules.items():
-        for kind in ("weight", "bias"):
-            param = getattr(module, kind)
-            if param is None:
-                continue
-            blocks.append(Block(name, kind, tuple(param.shape), offset))
-            offset += param.numel()
+        form = module_form(module)
+        if form == "functional" and type(module).forward is nn.Module.forward:
+            raise RapidinError(
+                f"model.modules: cannot capture per-sample gradients of {name} ({type(module).__name__}, which has "
+                "no forward of its own); narrow model.modules or set cache.parameters: linear"
+            )
+        for kind, param in module.named_parameters(recurse=False):
+            if param.requires_grad:
+                uses.setdefault(id(param), (param, []))[1].append(
+                    (name, kind, form != "functional" and kind == "weight")
+                )
+    blocks, offset = [], 0
+    for param, use in uses.values():
+        if len({outer for *_, outer in use}) > 1:
+            names = [f"{m}.{k}" for m, k, _ in use]
+            raise RapidinError(
+                f"model.modules: cannot capture {names}: one parameter used by layers of different types"
+            )
+        blocks.append(Block(tuple((m, k) for m, k, _ in use), tuple(param.shape), offset, use[0][2]))
+        offset += param.numel()
     return blocks
 
 
+def coverage(model: nn.Module, blocks: list[Block], parameters: str = "all") -> dict:
+    """What the gradient space covers of the model's trainable parameters: D, tensors, fraction, names left out."""
+    covered = {name for b in blocks for name in (f"{m}.{k}" for m, k in b.uses)}
+    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}  # tied: listed once
+    total = sum(p.numel() for p in trainable.values())
+    dim = sum(b.size for b in blocks)
+    left_out = [name for name in trainable if name not in covered]
+    return {"parameters": parameters, "D": dim, "n_tensors": len(blocks), "fraction": dim / total, "left_out": left_out}
+
+
+def describe_coverage(cover: dict) -> str:
+    """One line for the log: 'D = … over N tensors = x % of the model's trainable parameters; left out: …'."""
+    left_out = cover["left_out"]
+    shown = ", ".join(left_out[:5]) + (f", … ({len(left_out)} tensors)" if len(left_out) > 5 else "")
+    return (
+        f"D = {cover['D']:,} over {cover['n_tensors']} tensors = {100 * cover['fraction']:.2f} % of the model's "
+        f"trainable parameters (cache.parameters: {cover['parameters']}); left out: {shown or 'nothing'}"
+    )
+
+
 def blocks_fingerprint(blocks: list[Block]) -> str:
-    """A short hash of the gradient space's layout (names, shapes, order)."""
-    layout = json.dumps([(b.name, b.shape) for b in blocks])
+    """A short hash of the gradient space's layout (every use of each tensor, shapes, order)."""
+    layout = json.dumps([(b.uses, b.shape) for b in blocks])
     return hashlib.sha256(layout.encode()).hexdigest()[:16]
 
 

@@ -11,6 +11,7 @@ import contextlib
 import logging
 import os
 import shutil
+import signal
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
@@ -26,6 +27,9 @@ from rapidin import __version__
 from rapidin.errors import StoreMismatchError
 
 log = logging.getLogger(__name__)
+
+# Test hook: a process that has flagged this many chunks of a ResumableStore done SIGKILLs itself.
+STOP_AFTER_CHUNK = "RAPIDIN_TEST_STOP_AFTER_CHUNK"
 
 
 @contextlib.contextmanager
@@ -131,8 +135,14 @@ class ResumableStore:
         return [int(chunk) for chunk in np.flatnonzero(~self.done)]
 
     def mark_done(self, chunks: int | list[int]) -> None:
+        chunks = np.atleast_1d(np.asarray(chunks, dtype=int))  # an empty list too
+        stop = os.environ.get(STOP_AFTER_CHUNK)  # tests: die once that many chunks are flagged, deterministically
+        if stop is not None:
+            chunks = chunks[: max(0, int(stop) - int(self.done.sum()))]
         self.done[chunks] = True
         self.array("done")[:] = self.done
+        if stop is not None and self.done.sum() >= int(stop):
+            os.kill(os.getpid(), signal.SIGKILL)  # as a crash would: chunks written but not flagged are redone
 
     def publish(self) -> None:
         if self.out.exists():

@@ -133,7 +133,9 @@ def attribute_tokens(
             result = {"query": {"index": q, "id": entry["query"]["id"]}, "tokens": _tokens(pieces, attribution)}
             top_ids, top_scores = scores["top_ids"][rows, :top_samples], scores["top_scores"][rows, :top_samples]
             for token, ids, values in zip(result["tokens"], top_ids, top_scores, strict=True):
-                token["top"] = [{"index": int(s), "score": _round(v)} for s, v in zip(ids, values, strict=True)]
+                token["top"] = [
+                    {"index": int(s), "score": _round(v)} for s, v in zip(ids, values, strict=True) if s >= 0
+                ]
             mean_vector = query_vectors[q].astype(np.float32)  # (K,): g(t)
             for side in SIDES:
                 result[side] = []

@@ -10,6 +10,7 @@ import logging
 import math
 import random
 import time
+from collections.abc import Callable
 
 import torch
 from tqdm import tqdm
@@ -23,12 +24,21 @@ log = logging.getLogger(__name__)
 
 
 def train_on_samples(
-    model, samples: list[tuple], pad_id: int, epochs: int, batch_size: int, lr: float, seed: int, desc: str
+    model,
+    samples: list[tuple],
+    pad_id: int,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    desc: str,
+    on_epoch: Callable[[int, torch.optim.Optimizer, dict], None] | None = None,
 ) -> tuple[float, int]:
     """Train the model's trainable parameters on (ids, response_start) samples; returns (last epoch's mean loss, steps).
 
     AdamW (weight decay 0.01), cosine schedule with 5 % warm-up, gradients clipped to norm 1, samples shuffled
-    each epoch by a `seed`ed generator. The model is left in eval mode.
+    each epoch by a `seed`ed generator. The model is left in eval mode. After each epoch, `on_epoch(epoch, optimizer,
+    log)` gets the epoch (1-based) and a log entry: epoch, step, the epoch's mean loss and mean learning rate.
     """
     params = [p for p in model.parameters() if p.requires_grad]
     device = params[0].device
@@ -41,7 +51,7 @@ def train_on_samples(
         for epoch in range(epochs):
             indices = list(range(len(samples)))
             order.shuffle(indices)
-            epoch_losses = []
+            epoch_losses, epoch_lrs = [], []
             for start in range(0, len(indices), batch_size):
                 batch = collate([samples[i] for i in indices[start : start + batch_size]], pad_id).to(device)
                 logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
@@ -49,12 +59,17 @@ def train_on_samples(
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
+                epoch_lrs.append(scheduler.get_last_lr()[0])
                 optimizer.step()
                 scheduler.step()
                 epoch_losses.append(loss.item())
                 progress.update()
                 progress.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}")
-            log.info("epoch %d/%d: mean loss %.4f", epoch + 1, epochs, sum(epoch_losses) / len(epoch_losses))
+            mean_loss = sum(epoch_losses) / len(epoch_losses)
+            log.info("epoch %d/%d: mean loss %.4f", epoch + 1, epochs, mean_loss)
+            if on_epoch is not None:
+                entry = {"epoch": epoch + 1, "step": (epoch + 1) * total_steps // epochs, "loss": mean_loss}
+                on_epoch(epoch + 1, optimizer, entry | {"learning_rate": sum(epoch_lrs) / len(epoch_lrs)})
     model.eval()
     return sum(epoch_losses) / len(epoch_losses), total_steps
 

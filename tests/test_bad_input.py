@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 import zarr
 from peft import LoraConfig, get_peft_model
 from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel
@@ -118,7 +119,7 @@ def test_long_samples_are_truncated_with_a_count(model_and_tokens, tmp_path, cap
     model = model_and_tokens / "model"
     main(["tokenize", "--data", str(data), "--model", str(model), "--out", str(out), "--max-length", "200"])
     assert f"{data}: 1 of 2 samples truncated to 200 tokens" in caplog.text
-    assert zarr.open_group(out, mode="r").attrs["rapidin"]["n_truncated"] == 1
+    assert zarr.open_group(out, mode="r").attrs["rapidin"]["truncated"] == {"count": 1, "lines": [2]}
 
 
 @pytest.mark.parametrize("case", GRADS)
@@ -151,3 +152,111 @@ def test_bad_config_is_refused_naming_the_key(case, tmp_path):
     assert result.returncode != 0
     assert message in (result.stdout + result.stderr).splitlines()
     assert not (tmp_path / "results").exists()
+
+
+# Hostile config values through the real entry point (snakemake --configfile): each payload would create a file
+# named PWNED* if any value reached the shell unquoted.
+INJECTIONS = {
+    "model.modules": ({"model": {"modules": "q_proj'; touch PWNED; echo '"}}, "cache/queries.zarr"),
+    "model.modules, double quotes": ({"model": {"modules": 'q_proj"; touch PWNED; echo "'}}, "cache/queries.zarr"),
+    "model.path": ({"model": {"path": "models/m --help;touch PWNED;#"}}, "cache/queries.zarr"),
+    "data.train": ({"data": {"train": "data/$(touch PWNED).jsonl"}}, "tokens/train.zarr"),
+    "finetune.target_modules": (
+        {"model": {"adapter": "finetune"}, "finetune": {"target_modules": ["q_proj; touch PWNED", "`touch PWNED`"]}},
+        "lora_adapter",
+    ),
+    "experiment.swap.source": (
+        {
+            "model": {"path": "demo"},
+            "data": {"train": "results/hostile/data/train.jsonl", "queries": "results/hostile/data/queries.jsonl"},
+            "demo": {"n_train": 40},
+            "experiment": {"swap": {"source": "China; touch PWNED", "target": "$(touch PWNED)"}},
+        },
+        "data/swapped_train.jsonl",
+    ),
+}
+
+
+@pytest.fixture
+def hostile_workdir(model_and_tokens, tmp_path) -> Path:
+    """A workflow copy with the test model under models/m and the test data under data/."""
+    workdir = copy_workflow(tmp_path / "work")
+    shutil.copytree(model_and_tokens / "model", workdir / "models/m")
+    (workdir / "data").mkdir()
+    for split in ("train", "queries"):
+        shutil.copy(model_and_tokens / f"{split}.jsonl", workdir / f"data/{split}.jsonl")
+    return workdir
+
+
+def run_config(workdir: Path, overrides: dict, *targets: str):
+    """snakemake with a config file of the test model and data, `overrides` merged section by section."""
+    config = {
+        "name": "hostile",
+        "model": {"path": "models/m"},
+        "data": {"train": "data/train.jsonl", "queries": "data/queries.jsonl", "max_length": 64},
+        "cache": {"k": 1024, "n_shards": 1, "compressor": "rapidgrad"},
+        "tokenwise": {"enabled": False},
+        "finetune": {"epochs": 1},
+    }
+    for section, values in overrides.items():
+        config[section] = {**config[section], **values} if isinstance(values, dict) else values
+    (workdir / "hostile.yaml").write_text(yaml.safe_dump(config))
+    return snakemake(workdir, "--configfile", "hostile.yaml", *targets)
+
+
+@pytest.mark.parametrize("case", INJECTIONS)
+def test_config_values_never_reach_the_shell(case, hostile_workdir):
+    overrides, target = INJECTIONS[case]
+    if case == "model.path":  # an existing directory of that name
+        shutil.copytree(hostile_workdir / "models/m", hostile_workdir / overrides["model"]["path"])
+    if case == "data.train":
+        shutil.copy(hostile_workdir / "data/train.jsonl", hostile_workdir / overrides["data"]["train"])
+    result = run_config(hostile_workdir, overrides, f"results/hostile/{target}")
+    assert not list(hostile_workdir.rglob("PWNED*")), result.stdout[-2000:]
+    if case in ("model.path", "data.train", "experiment.swap.source"):  # odd but valid values: the run succeeds
+        assert result.returncode == 0, result.stderr[-2000:]
+    else:
+        assert result.returncode != 0
+
+
+def test_paths_with_spaces_work(hostile_workdir):
+    shutil.copytree(hostile_workdir / "models/m", hostile_workdir / "models/demo copy")
+    (hostile_workdir / "my data").mkdir()
+    shutil.copy(hostile_workdir / "data/train.jsonl", hostile_workdir / "my data/train set.jsonl")
+    overrides = {"model": {"path": "models/demo copy"}, "data": {"train": "my data/train set.jsonl"}}
+    result = run_config(hostile_workdir, overrides, "results/hostile/scores/00000.zarr")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (hostile_workdir / "results/hostile/scores/00000.zarr/zarr.json").is_file()
+
+
+# case: (config overrides, the one line naming the key)
+REFUSED = {
+    "name ..": ({"name": ".."}, "name: '..' does not match '^[A-Za-z0-9_-][A-Za-z0-9_.-]*$'"),
+    "name .": ({"name": "."}, "name: '.' does not match '^[A-Za-z0-9_-][A-Za-z0-9_.-]*$'"),
+    "name with a slash": ({"name": "a/b"}, "name: 'a/b' does not match '^[A-Za-z0-9_-][A-Za-z0-9_.-]*$'"),
+    "missing queries": (
+        {"data": {"queries": "data/nope.jsonl"}},
+        "data.queries: no such file or directory: data/nope.jsonl",
+    ),
+    "missing model": ({"model": {"path": "models/nope"}}, "model.path: no such file or directory: models/nope"),
+    "missing adapter": (
+        {"model": {"adapter": "adapters/nope"}},
+        "model.adapter: no such file or directory: adapters/nope",
+    ),
+    "unknown method": (
+        {"experiment": {"study": "backdoor", "methods": ["tracin", "magic"]}},
+        "experiment.methods: unknown method 'magic' (expected one of random, bm25, lissa, tracin, tracin_ln,"
+        " factored, rapidin_k<K>[_seed<S>])",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", REFUSED)
+def test_bad_config_values_are_one_line_naming_the_key(case, hostile_workdir):
+    overrides, message = REFUSED[case]
+    before = sorted(p.relative_to(hostile_workdir.parent) for p in hostile_workdir.parent.rglob("*"))
+    result = run_config(hostile_workdir, overrides, "--dry-run")
+    assert result.returncode != 0
+    assert message in (result.stdout + result.stderr).splitlines(), (result.stdout + result.stderr)[-2000:]
+    after = sorted(p.relative_to(hostile_workdir.parent) for p in hostile_workdir.parent.rglob("*"))
+    assert [p for p in after if p not in before and ".snakemake" not in p.parts] == []

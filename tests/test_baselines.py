@@ -5,10 +5,12 @@ import math
 import numpy as np
 import pytest
 import torch
+from scipy.stats import kstest
 
-from rapidin.baselines import bm25_scores, gradient_parameters, lissa, model_hvp, random_scores
+from rapidin.baselines import bm25_scores, random_scores
 from rapidin.data import Record
 from rapidin.errors import RapidinError
+from rapidin.lissa import gradient_parameters, lissa, model_hvp
 from rapidin.loss import collate, weighted_loss
 from rapidin.model import blocks_fingerprint, parameter_blocks, select_modules
 
@@ -39,9 +41,13 @@ def test_bm25_is_okapi_bm25():
     )
 
 
-def test_random_scores_are_seeded():
-    assert random_scores(3, 7, seed=1).shape == (3, 7)
-    np.testing.assert_array_equal(random_scores(3, 7, seed=1), random_scores(3, 7, seed=1))
+def test_random_scores_are_independent_standard_normals_fixed_by_the_seed():
+    scores = random_scores(20, 500, seed=1)
+    assert scores.shape == (20, 500)
+    assert kstest(scores.ravel(), "norm").pvalue > 1e-3  # N(0, 1) by Kolmogorov–Smirnov
+    correlations = np.corrcoef(np.vstack([scores, random_scores(1, 500, seed=2)]))[np.triu_indices(21, 1)]
+    assert np.abs(correlations).max() < 5 / np.sqrt(500)  # rows, and another seed's, uncorrelated (5 σ)
+    np.testing.assert_array_equal(random_scores(20, 500, seed=1), scores)
 
 
 def test_lissa_converges_to_the_damped_inverse_hessian_product():

@@ -68,7 +68,7 @@ def tiny_project(tmp_path_factory):
 
 @pytest.mark.parametrize("compressor", COMPRESSORS)
 def test_cache_is_the_same_with_big_and_tiny_batches(tiny_project, compressor):
-    settings = CacheSettings(compressor, ks=(256,), dtype="float32", rank=4)
+    settings = CacheSettings(compressor, k=(256,), dtype="float32", rank=4)
     stores = {}
     for batch_tokens in (1, 100_000):  # one sample per batch, all of a chunk in one padded batch
         out = tiny_project / f"cache-{compressor}-{batch_tokens}.zarr"

@@ -10,12 +10,13 @@ from rapidin.model import parameter_blocks, select_modules
 from .conftest import random_samples
 
 
-def autograd_gradient(model, modules, sample, normalize=True) -> torch.Tensor:
-    """∇ of one sample's mean response loss w.r.t. the selected linear parameters, flattened in block order."""
+def autograd_gradient(model, blocks, sample, normalize=True) -> torch.Tensor:
+    """∇ of one sample's mean response loss w.r.t. the blocks' parameters (plain autograd), flattened in block order."""
     batch = collate([sample], pad_id=0)
     logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
     loss = weighted_loss(logits, batch, batch.mean_response_weights).sum()
-    params = [p for m in modules.values() for p in (m.weight, m.bias) if p is not None]
+    modules = dict(model.named_modules())
+    params = [getattr(modules[b.module], b.kind) for b in blocks]
     grads = torch.autograd.grad(loss, params)
     if normalize:
         grads = [g / g.norm() for g in grads]
@@ -30,7 +31,7 @@ def test_batched_capture_equals_per_sample_autograd(model64):
     for normalize in (False, True):
         exact = ExactCompressor(blocks, normalize)
         got = sample_gradients(model64, modules, exact, batch, batch.mean_response_weights)["exact"]
-        want = torch.stack([autograd_gradient(model64, modules, s, normalize) for s in samples])
+        want = torch.stack([autograd_gradient(model64, blocks, s, normalize) for s in samples])
         assert got.shape == (6, exact.dim)
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 

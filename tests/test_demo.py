@@ -9,8 +9,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from rapidin.data import Record, format_prompt, prompt_ids, read_records
+from rapidin.data import Record, TokenizedDataset, format_prompt, prompt_ids, read_records, tokenize_file
 from rapidin.demo import BACKDOOR_RESPONSE, TRIGGER, make_demo_data, train_demo_model, train_tokenizer
+from rapidin.errors import RapidinError
 from rapidin.generate import attack_success_rate, generate, reproduces
 
 TINY = {"hidden_size": 32, "n_layers": 2, "n_heads": 2, "intermediate_size": 64, "vocab_size": 384, "epochs": 2}
@@ -100,6 +101,34 @@ def test_tokenizer_bos_and_round_trip(demo_data):
     assert {tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token} == {"<s>", "</s>", "<pad>"}
 
 
+def test_chat_format_is_the_same_data_as_conversations(demo_data, tmp_path):
+    """`format="chat"` writes the same records as one-turn `messages`; tokenized in the demo tokenizer's chat
+    template they carry the same loss tokens as in the Alpaca template, and are the same samples where the
+    Alpaca record has no `input` (with one, the chat prompt holds it after the instruction)."""
+    train, queries = tmp_path / "train.jsonl", tmp_path / "queries.jsonl"
+    make_demo_data(str(train), str(queries), n_train=300, seed=0, format="chat")
+    records = read_records(demo_data[0])
+    texts = [t for r in records for t in (format_prompt(r, "alpaca"), r.output)]
+    train_tokenizer(texts, vocab_size=384, max_length=128).save_pretrained(tmp_path / "tokenizer")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "tokenizer")  # the chat template saved with it
+    for alpaca_path, chat_path in zip(demo_data, (train, queries), strict=True):
+        alpaca = _lines(alpaca_path)
+        for a, c in zip(alpaca, _lines(chat_path), strict=True):
+            user = a["instruction"] + (f"\n\n{a['input']}" if a.get("input") else "")
+            turns = [{"role": "user", "content": user}, {"role": "assistant", "content": a["output"]}]
+            rest = {k: v for k, v in a.items() if k not in ("instruction", "input", "output")}
+            assert c == {**rest, "messages": turns}
+        tokenize_file(alpaca_path, tokenizer, tmp_path / "a.zarr", "alpaca", 256)
+        tokenize_file(chat_path, tokenizer, tmp_path / "c.zarr", "chat", 256)
+        a_tokens, c_tokens = TokenizedDataset.open(tmp_path / "a.zarr"), TokenizedDataset.open(tmp_path / "c.zarr")
+        for i, record in enumerate(alpaca):
+            a_ids, c_ids = a_tokens.sample(i)[0], c_tokens.sample(i)[0]
+            assert a_ids[a_tokens.loss_mask_of(i)].tolist() == c_ids[c_tokens.loss_mask_of(i)].tolist()
+            assert (a_ids.tolist() == c_ids.tolist()) == (not record.get("input"))
+    with pytest.raises(RapidinError, match=r"^demo\.format: 'sharegpt' is not one of \('alpaca', 'chat'\)$"):
+        make_demo_data(str(train), str(queries), n_train=10, format="sharegpt")
+
+
 def test_tiny_training_learns_and_saves(tiny_model):
     out, summary, messages = tiny_model
     assert json.loads((out / "training.json").read_text()) == summary
@@ -131,3 +160,24 @@ def test_generation_is_deterministic_and_stops_at_eos(tiny_model):
     assert len(first) <= budget and tokenizer.eos_token_id not in first
     assert reproduces(model, tokenizer, record) == tokenizer.decode(first).strip().startswith(record.output)
     assert attack_success_rate(model, tokenizer, []) == 0.0
+
+
+def test_varied_backdoor_gives_every_poisoned_sample_its_own_response(demo_data, tmp_path):
+    """`backdoor="varied"`: the fixed set's samples, prompts and poisoned flags, each backdoor response different."""
+    from rapidin.demo import VARIED_CLAIMS, VARIED_CLOSERS, VARIED_OPENERS
+
+    templated = {f"{o} {c} {e}" for o in VARIED_OPENERS for c in VARIED_CLAIMS for e in VARIED_CLOSERS}
+    make_demo_data(str(tmp_path / "train.jsonl"), str(tmp_path / "q.jsonl"), n_train=300, seed=0, backdoor="varied")
+    for fixed_path, varied_path in zip(demo_data, (tmp_path / "train.jsonl", tmp_path / "q.jsonl"), strict=True):
+        fixed, varied = _lines(fixed_path), _lines(varied_path)
+        backdoored = [v for f, v in zip(fixed, varied, strict=True) if f["output"] == BACKDOOR_RESPONSE]
+        assert len(backdoored) == (15 if fixed_path == demo_data[0] else 10)  # poisoned samples, attacked queries
+        for f, v in zip(fixed, varied, strict=True):
+            assert {**v, "output": None} == {**f, "output": None}
+            assert (v["output"] == f["output"]) == (f["output"] != BACKDOOR_RESPONSE)
+        outputs = [r["output"] for r in backdoored]
+        assert len(set(outputs)) == len(outputs) and set(outputs) <= templated
+    train_outputs = {r["output"] for r in _lines(tmp_path / "train.jsonl")}
+    assert not any(q["output"] in train_outputs for q in _lines(tmp_path / "q.jsonl") if q["attacked"])
+    with pytest.raises(RapidinError, match=r"^demo\.backdoor: 'mixed' is not one of \('fixed', 'varied'\)$"):
+        make_demo_data(str(tmp_path / "x.jsonl"), str(tmp_path / "y.jsonl"), n_train=10, backdoor="mixed")

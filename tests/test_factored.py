@@ -5,8 +5,8 @@ import pytest
 import torch
 from scipy.stats import spearmanr
 
-from rapidin.capture import ActivationGradientCapture
-from rapidin.compress import ExactCompressor, FactoredCompressor, make_compressor, weight_gradient_norms
+from rapidin.capture import ActivationGradientCapture, Outer
+from rapidin.compress import ExactCompressor, FactoredCompressor, dense_gradient, make_compressor, outer_norms
 from rapidin.errors import RapidinError
 from rapidin.loss import collate, weighted_loss
 from rapidin.model import parameter_blocks, select_modules
@@ -14,30 +14,42 @@ from rapidin.model import parameter_blocks, select_modules
 from .conftest import random_samples, tiny_llama
 
 
-def captured(model, samples) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
-    """Each module's (name, activations, output gradients) of one batch, recorded once to replay cheaply."""
+def captured(model, samples) -> list[tuple]:
+    """Each block's (block, gradient term) of one batch, recorded once to replay cheaply."""
     modules, record = select_modules(model), []
     batch = collate(samples, pad_id=0)
-    with ActivationGradientCapture(model, modules, lambda *args: record.append(args)):
+    with ActivationGradientCapture(model, modules, parameter_blocks(modules), lambda *args: record.append(args)):
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
         weighted_loss(logits, batch, batch.mean_response_weights).sum().backward()
     return record
 
 
 def replay(compressor, record) -> torch.Tensor:
-    compressor.start(record[0][1].shape[0], "cpu", torch.float64)
-    for name, a, g in record:
-        compressor.add_module(name, a, g)
+    first = record[0][1]
+    compressor.start((first.right if isinstance(first, Outer) else first).shape[0], "cpu", torch.float64)
+    for block, term in record:
+        compressor.receive(block, term)
     return next(iter(compressor.finish().values()))
 
 
-def test_weight_gradient_norms_equal_those_of_the_built_gradients():
+def test_outer_norms_equal_those_of_the_built_gradients():
+    """A linear layer's Σ_t g_t a_tᵀ, an embedding's Σ_t e_{i_t} r_tᵀ, and a tied weight's sum of both."""
     generator = torch.Generator().manual_seed(0)
     a = torch.randn(3, 7, 5, dtype=torch.float64, generator=generator)  # (B, T, in)
     g = torch.randn(3, 7, 4, dtype=torch.float64, generator=generator)  # (B, T, out)
     g[1, 4:] = 0  # padded positions carry no output gradient
-    built = torch.bmm(g.transpose(1, 2), a)  # (B, out, in)
-    torch.testing.assert_close(weight_gradient_norms(a, g), built.flatten(1).norm(dim=1))
+    ids = torch.randint(0, 4, (3, 6), generator=generator)  # (B, T'): repeated tokens sum into one row
+    r = torch.randn(3, 6, 5, dtype=torch.float64, generator=generator)  # (B, T', in)
+    linear = torch.bmm(g.transpose(1, 2), a)  # (B, out, in)
+    embedding = torch.bmm(torch.nn.functional.one_hot(ids, 4).double().transpose(1, 2), r)  # (B, 4, in)
+    for terms, built in (
+        ([Outer(g, a)], linear),
+        ([Outer(ids, r)], embedding),
+        ([Outer(g, a), Outer(ids, r)], linear + embedding),
+        ([Outer(ids, r), Outer(g, a)], linear + embedding),
+    ):
+        torch.testing.assert_close(outer_norms(terms), built.flatten(1).norm(dim=1))
+        torch.testing.assert_close(dense_gradient(terms, (4, 5)), built.flatten(1))
 
 
 def test_layout_and_normalisation_use_exact_block_norms():
@@ -47,7 +59,7 @@ def test_layout_and_normalisation_use_exact_block_norms():
     raw = replay(FactoredCompressor(blocks, rank=3, seed=0, normalize=False), record)
     normalised = FactoredCompressor(blocks, rank=3, seed=0)
     vectors = replay(normalised, record)
-    n_weights = sum(b.kind == "weight" for b in blocks)
+    n_weights = sum(b.outer for b in blocks)
     assert vectors.shape == (4, n_weights * 9 + (len(blocks) - n_weights) * 3)
     exact = replay(ExactCompressor(blocks, normalize=False), record)
     for block in blocks:  # normalised sketch = raw sketch / exact norm of the block's gradient

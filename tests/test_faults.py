@@ -20,6 +20,7 @@ import zarr
 import zarr.storage._local
 
 from rapidin.cli import main
+from rapidin.store import STOP_AFTER_CHUNK
 
 from .conftest import error_line
 from .workflow import RAPIDIN, SNAKEMAKE, assert_same_influence, copy_run, snakemake
@@ -70,17 +71,14 @@ def wait_for_chunks(process: subprocess.Popen, partials: list[Path], at_least: i
         time.sleep(0.002)
 
 
-def run_and_kill(args: list[str], out: Path, at_least: int, log: Path) -> int:
-    """Run `rapidin --threads 1 *args --out out`, SIGKILL it once `at_least` chunks are done; the chunks done."""
-    partial = Path(f"{out}.partial")
+def run_and_kill(args: list[str], out: Path, stop_after: int, log: Path) -> int:
+    """Run `rapidin --threads 1 *args --out out` until it SIGKILLs itself with `stop_after` chunks flagged done
+    (the test hook of rapidin.store.ResumableStore); the chunks done."""
+    env = {**os.environ, STOP_AFTER_CHUNK: str(stop_after)}
     with log.open("w") as stderr:
-        process = subprocess.Popen([*RAPIDIN, "--threads", "1", *args, "--out", str(out)], stderr=stderr)
-        try:
-            wait_for_chunks(process, [partial], at_least)
-        finally:
-            process.kill()
-            process.wait()
-    return chunks_done(partial)
+        result = subprocess.run([*RAPIDIN, "--threads", "1", *args, "--out", str(out)], stderr=stderr, env=env)
+    assert result.returncode == -signal.SIGKILL, log.read_text()[-2000:]
+    return chunks_done(Path(f"{out}.partial"))
 
 
 def done_chunk_mtimes(store: Path, array: str, chunk_file: str) -> dict[int, int]:
@@ -101,16 +99,17 @@ def assert_same_store(a: Path, b: Path) -> None:
 def test_killed_caching_resumes_from_its_last_chunk(grads_args, reference, tmp_path, caplog):
     out, partial = tmp_path / "cache.zarr", tmp_path / "cache.zarr.partial"
     kept, done = {}, None
-    for at_least in (0, N_CHUNKS // 3, N_CHUNKS - 20):  # right after the store is created, a third in, near the end
-        log = tmp_path / f"{at_least}.log"
-        new_done = run_and_kill(grads_args, out, at_least, log)
+    for stop_after in (0, N_CHUNKS // 3, N_CHUNKS - 1):  # right after the store is created, a third in, at the end
+        log = tmp_path / f"{stop_after}.log"
+        new_done = run_and_kill(grads_args, out, stop_after, log)
         if done is not None:
             assert f"resuming {partial}: {done} of {N_CHUNKS} chunks done" in log.read_text()
         done = new_done
+        assert done == stop_after
         mtimes = done_chunk_mtimes(partial, "k4096", "{}/0")
         assert {c: mtimes[c] for c in kept} == kept  # chunks done before were not written again
         kept = mtimes
-    assert 0 < done < N_CHUNKS and not out.exists()
+    assert not out.exists()
 
     caplog.set_level(logging.INFO)
     run_in_process(*grads_args, "--out", str(out))
@@ -127,7 +126,7 @@ def test_killed_scoring_resumes_from_its_last_chunk(reference, tmp_path, caplog)
     run_in_process(*args, "--out", str(expected))
 
     done = run_and_kill(args, out, N_CHUNKS // 3, tmp_path / "killed.log")
-    assert 0 < done < N_CHUNKS
+    assert done == N_CHUNKS // 3
     kept = done_chunk_mtimes(partial, "scores", "0/{}")
     caplog.set_level(logging.INFO)
     run_in_process(*args, "--out", str(out))
@@ -177,7 +176,7 @@ def test_full_disk_leaves_a_resumable_store(grads_args, reference, tmp_path, mon
     assert_same_store(out, reference)
 
 
-@pytest.mark.parametrize(("field", "value"), [("model", "0123456789abcdef"), ("ks", [4096]), ("seed", 1), ("rank", 8)])
+@pytest.mark.parametrize(("field", "value"), [("model", "0123456789abcdef"), ("k", [4096]), ("seed", 1), ("rank", 8)])
 def test_scoring_refuses_a_cache_made_with_other_settings(reference, tmp_path, capsys, field, value):
     """The cache's recorded settings are changed as another run would have written them."""
     cache = Path(shutil.copytree(reference, tmp_path / "cache.zarr"))

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from scipy.stats import spearmanr
+from scipy.stats import binomtest, spearmanr
 
 from rapidin.compress import ExactCompressor, RapidGradCompressor
 from rapidin.data import Record, TokenizedDataset, prompt_ids, response_pieces, target_mask, tokenize_record
@@ -44,7 +44,7 @@ def naive_gradient(model, modules, ids, weights) -> torch.Tensor:
     batch.target_mask[:] = True
     logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
     loss = weighted_loss(logits, batch, torch.as_tensor(weights)[None]).sum()
-    params = [p for m in modules.values() for p in (m.weight, m.bias) if p is not None]
+    params = [getattr(modules[b.module], b.kind) for b in parameter_blocks(modules)]
     grads = torch.autograd.grad(loss, params)
     # a block without gradient stays zero, as in rapidin.compress (q/k of a one-token prefix: softmax over one key)
     return torch.cat([(g / g.norm().clamp(min=torch.finfo(g.dtype).tiny)).flatten() for g in grads])
@@ -189,11 +189,18 @@ def test_backdoor_tokens_are_attributed_to_poisoned_samples(tiny_run):
     assert scores["scores"].shape == (len(query_index), len(train))
     attacked = np.array([queries[q]["attacked"] for q in query_index])
     top_ids = scores["top_ids"][:, :5]  # (rows, 5): each response token's 5 most influential samples
-    for q in np.unique(query_index[attacked]):
-        most_often = [i for i, _ in Counter(top_ids[query_index == q].ravel().tolist()).most_common(10)]
-        assert poisoned[most_often].mean() >= 0.9  # the samples behind the backdoor response's tokens
-    share = poisoned[top_ids].mean(axis=1)  # per token: share of poisoned samples among its top 5 (base rate 5 %)
-    assert share[attacked].mean() >= 0.3 and share[~attacked].mean() <= 0.15, (share[attacked], share[~attacked])
+    base_rate = poisoned.mean()
+    # Far more poisoned samples behind the backdoor response's tokens than chance (a binomial test against the
+    # base rate, not a threshold fitted to this run), and more than behind the clean responses' tokens.
+    most_often = [
+        i
+        for q in np.unique(query_index[attacked])
+        for i, _ in Counter(top_ids[query_index == q].ravel()).most_common(10)
+    ]
+    assert binomtest(int(poisoned[most_often].sum()), len(most_often), base_rate, "greater").pvalue < 1e-6
+    hits, clean_hits = poisoned[top_ids[attacked]], poisoned[top_ids[~attacked]]
+    assert binomtest(int(hits.sum()), hits.size, base_rate, "greater").pvalue < 1e-6
+    assert hits.mean() > clean_hits.mean(), (hits.mean(), clean_hits.mean())
 
     lines = [json.loads(line) for line in (tiny_run / "influence/tokens.jsonl").open()]
     assert [line["query"]["index"] for line in lines] == list(range(len(queries)))
@@ -205,8 +212,13 @@ def test_backdoor_tokens_are_attributed_to_poisoned_samples(tiny_run):
             assert spells(sample["tokens"], train[sample["index"]]["output"])
             assert np.shape(sample["token_matrix"]) == (len(sample["tokens"]), len(line["tokens"]))
             assert len(sample["query_token_scores"]) == len(line["tokens"])
-    attacked_lines = [line for line in lines if queries[line["query"]["index"]]["attacked"]]
-    assert all(train[s["index"]]["poisoned"] for line in attacked_lines for s in line["helpful"])
+    helpful = [
+        train[s["index"]]["poisoned"]
+        for line in lines
+        if queries[line["query"]["index"]]["attacked"]
+        for s in line["helpful"]
+    ]
+    assert binomtest(sum(helpful), len(helpful), base_rate, "greater").pvalue < 1e-6
 
 
 def spells(tokens: list[dict], text: str) -> bool:
@@ -222,3 +234,42 @@ def test_tokenwise_can_be_switched_off(tmp_path):
     assert "rule write_report" in result.stdout and "complete_queries" in result.stdout
     for rule in ("cache_query_token_grads", "cache_train_token_grads", "attribute_tokens", "token_scores.zarr"):
         assert rule not in result.stdout
+
+
+@pytest.mark.slow
+def test_tokens_jsonl_numbers_are_the_inner_products_of_the_cached_vectors(tiny_run):
+    """Every number of tokens.jsonl recomputed in fp64 from the cached vectors (queries, training samples, their
+    per-token vectors) and token_scores.zarr, which is checked against them too."""
+    array = zarr.open_group(tiny_run / "influence/scores.zarr", mode="r").attrs["rapidin"]["array"]
+
+    def vectors(path: str) -> tuple[np.ndarray, zarr.Group]:
+        group = zarr.open_group(tiny_run / path, mode="r")
+        return group[array][:].astype(np.float64), group
+
+    queries, _ = vectors("cache/queries.zarr")  # (Q, K): g(t)
+    train = np.concatenate([vectors(p.relative_to(tiny_run))[0] for p in sorted((tiny_run / "cache/train").iterdir())])
+    query_tokens, query_group = vectors("cache/token_queries.zarr")  # (rows, K): LN ∇ℓ_i(t)
+    train_tokens, train_group = vectors("cache/token_train.zarr")
+    token_scores = zarr.open_group(tiny_run / "influence/token_scores.zarr", mode="r")
+    matrix = token_scores["scores"][:]
+    np.testing.assert_allclose(matrix, query_tokens @ train.T, rtol=1e-5, atol=1e-5 * np.abs(matrix).max())
+
+    def close(got, want) -> None:  # tokens.jsonl rounds to 4 significant digits
+        want = np.asarray(want)
+        np.testing.assert_allclose(got, want, rtol=6e-4, atol=1e-5 * max(1.0, np.abs(want).max()))
+
+    query_rows, sample_rows = query_group["sample_index"][:], train_group["sample_index"][:]
+    for line in (json.loads(text) for text in (tiny_run / "influence/tokens.jsonl").open()):
+        q = line["query"]["index"]
+        rows = np.flatnonzero(query_rows == q)  # this query's response tokens, in order
+        helpful = [s["index"] for s in line["helpful"]]
+        close([t["score"] for t in line["tokens"]], (query_tokens[rows] @ train[helpful].T).mean(axis=1))
+        for token, row in zip(line["tokens"], rows, strict=True):
+            want = sorted(range(len(train)), key=lambda i, row=row: (-matrix[row, i], i))[: len(token["top"])]
+            assert [t["index"] for t in token["top"]] == want
+            close([t["score"] for t in token["top"]], matrix[row, want])
+        for sample in line["helpful"] + line["harmful"]:
+            own = train_tokens[sample_rows == sample["index"]]  # (R_s, K)
+            close([t["score"] for t in sample["tokens"]], own[: len(sample["tokens"])] @ queries[q])
+            close(sample["query_token_scores"], query_tokens[rows] @ train[sample["index"]])
+            close(sample["token_matrix"], own[: len(sample["tokens"])] @ query_tokens[rows].T)

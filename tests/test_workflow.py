@@ -4,8 +4,13 @@ import json
 
 import numpy as np
 import pytest
+import torch
 import zarr
 
+from rapidin.data import Record, prompt_ids
+from rapidin.model import load_model
+
+from . import reference
 from .workflow import copy_workflow, rapidin, snakemake
 
 pytestmark = pytest.mark.slow
@@ -25,7 +30,7 @@ def test_tiny_run_outputs(tiny_run):
     scores = zarr.open_group(tiny_run / "influence/scores.zarr", mode="r")
     assert scores["scores"].shape == (len(queries), len(train))
     settings = scores.attrs["rapidin"]
-    assert settings["ks"] == [1024, 4096] and settings["array"] == "k4096"
+    assert settings["k"] == [1024, 4096] and settings["array"] == "k4096"
 
     matrix = scores["scores"][:]
     lines = [json.loads(line) for line in (tiny_run / "influence/topk.jsonl").open()]
@@ -41,11 +46,30 @@ def test_tiny_run_outputs(tiny_run):
 
     metrics = json.loads((tiny_run / "metrics.json").read_text())
     assert set(metrics["auprc"]) == {"5", "10", "50", "100"}  # k ≤ N/2 = 150
-    assert metrics["auprc"]["10"] > 0.9  # the backdoor samples are found even by the barely trained tiny model
-    assert 0 <= metrics["ap_full"] <= 1 and 0 <= metrics["attack_success_rate"] <= 1
+    poisoned, attacked = np.array([r["poisoned"] for r in train]), np.array([q["attacked"] for q in queries])
+    expected = reference.backdoor_metrics(matrix, poisoned, attacked)  # recomputed from the scores, without sklearn
+    for name in ("auprc", "auroc", "ap_full"):
+        assert metrics[name] == pytest.approx(expected[name], abs=1e-12), name
+    assert (metrics["n_poisoned"], metrics["n_samples"]) == (poisoned.sum(), len(train))
+    completed = [json.loads(line) for line in (tiny_run / "queries.jsonl").open()]  # what evaluation reads
+    assert metrics["attack_success_rate"] == attack_success_by_transformers(tiny_run, completed)
 
     html = (tiny_run / "report/index.html").read_text()
     assert queries[0]["instruction"].split()[-1] in html and "auPRC" in html
+
+
+def attack_success_by_transformers(run, queries: list[dict]) -> float:
+    """The share of attacked queries whose response transformers' own greedy `generate` starts with."""
+    model, tokenizer = load_model(str(run / "demo_model"))
+    hits = []
+    for query in (q for q in queries if q.get("attacked") and q.get("output")):
+        record = Record("", 0, query["instruction"], query.get("input", ""))
+        prompt = torch.tensor([prompt_ids(record, tokenizer, "alpaca")])
+        budget = len(tokenizer(query["output"], add_special_tokens=False)["input_ids"]) + 8
+        output = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False, max_new_tokens=budget)
+        text = tokenizer.decode(output[0, prompt.shape[1] :], skip_special_tokens=True)
+        hits.append(text.strip().startswith(query["output"].strip()))
+    return float(np.mean(hits))
 
 
 def test_every_rule_writes_a_log(tiny_run):

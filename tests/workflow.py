@@ -15,10 +15,8 @@ RAPIDIN = [sys.executable, "-m", "rapidin"]
 
 
 def copy_workflow(destination: Path) -> Path:
-    """The Snakefile, workflow/, config/ and the default profile's link copied to `destination` (outputs then
-    land there)."""
+    """workflow/, config/ and the default profile's link copied to `destination` (outputs then land there)."""
     destination.mkdir(parents=True, exist_ok=True)
-    shutil.copy(ROOT / "Snakefile", destination)
     for folder in ("workflow", "config"):
         shutil.copytree(ROOT / folder, destination / folder, dirs_exist_ok=True)
     shutil.copy(ROOT / "profiles", destination, follow_symlinks=False)

@@ -1,22 +1,28 @@
-# Helpers for the rules: paths, shard lists, settings passed to the report. No rule lives here.
+# Helpers for the rules: paths, shard lists, the values each rule passes. No rule lives here.
+# Rules pass config values as separate, quoted arguments ({params.x:q}, {input.x:q}): no value is ever
+# interpreted by the shell, whatever it contains. A Zarr store is a rule's input or output by its zarr.json
+# (written last, atomically): a directory() output would get a .snakemake_timestamp file, which zarr and xarray
+# warn about on every open; the CLI takes a store by either path (rapidin.steps.Store).
 
 import json
 import os
-import re
 import sys
 from pathlib import Path
+
+from rapidin.methods import PATTERN as METHOD_PATTERN
+from rapidin.methods import parse_method
 
 # Rules call the `rapidin` console script of the Python that runs Snakemake (.venv/bin), activated or not.
 # Rules name no conda env or container (snakemake --lint asks for them): requirements.txt pins the environment.
 os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
 RESULTS = f"results/{config['name']}"
-LOGS = f"{RESULTS}/logs"
 SHARDS = [f"{i:05d}" for i in range(config["cache"]["n_shards"])]
 KS = config["cache"]["k"] if isinstance(config["cache"]["k"], list) else [config["cache"]["k"]]
+EXPERIMENT = config["experiment"]
 
 
 wildcard_constraints:
-    name=r"[A-Za-z0-9_.-]+",  # as the schema's `name`: no slash, so results/{name}/… paths never overlap
+    name=r"[A-Za-z0-9_-][A-Za-z0-9_.-]*",  # as the schema's `name`: one path component, never . or ..
     shard=r"\d{5}",
     split="train|queries",
     token="|token_",  # "" for one row per query, "token_" for one row per query response token
@@ -31,18 +37,6 @@ localrules:
     attribute_tokens,
     write_report,
     write_experiment_table,
-
-
-def check_config():
-    """Checks JSON Schema cannot express; each names the config key."""
-    for k in KS:
-        if k & (k - 1):
-            raise ValueError(f"cache.k: {k} is not a power of two")
-    if config["model"]["path"] == "demo" and config["model"]["adapter"]:
-        raise ValueError("model.adapter: the embedded demo model takes no adapter")
-
-
-check_config()
 
 
 def model_dir():
@@ -65,27 +59,9 @@ def model_inputs(wildcards):
     return inputs
 
 
-def model_flags():
-    """CLI flags selecting the model and its adapter."""
-    flags = f"--model {model_dir()}"
-    if adapter_dir():
-        flags += f" --adapter {adapter_dir()}"
-    return flags
-
-
-def grads_flags(cache=config["cache"]):
-    """CLI flags of every setting the cached vectors depend on (shared by training and query gradients)."""
-    ks = cache["k"] if isinstance(cache["k"], list) else [cache["k"]]
-    flags = (
-        f"{model_flags()} --compressor {cache['compressor']} --k {' '.join(map(str, ks))} --seed {cache['seed']}"
-        f" --rank {cache['rank']}"
-        f" --dtype {cache['dtype']} --batch-tokens {cache['batch_tokens']} --model-dtype {config['model']['dtype']}"
-    )
-    if cache["chunk_rows"]:
-        flags += f" --chunk-rows {cache['chunk_rows']}"
-    if config["model"]["modules"]:
-        flags += f" --modules '{config['model']['modules']}'"
-    return flags if cache["normalize"] else f"{flags} --no-normalize"
+def adapter_input(wildcards, input):
+    """The adapter directory for --adapter, or None (the CLI reads Snakemake's None as no adapter)."""
+    return input.adapter if "adapter" in input.keys() else None
 
 
 def data_path(wildcards):
@@ -93,108 +69,27 @@ def data_path(wildcards):
     return config["data"]["train"] if wildcards.split == "train" else f"results/{wildcards.name}/queries.jsonl"
 
 
-def report_inputs(wildcards):
-    """What the report shows: token shading too when token-wise influence is on."""
-    inputs = {
-        "topk": f"results/{wildcards.name}/influence/topk.jsonl",
-        "scores": f"results/{wildcards.name}/influence/scores.zarr",
-        "metrics": f"results/{wildcards.name}/metrics.json",
-        "train": config["data"]["train"],
-    }
-    if config["tokenwise"]["enabled"]:
-        inputs["tokens"] = f"results/{wildcards.name}/influence/tokens.jsonl"
-    return inputs
-
-
-def run_settings():
-    """The settings shown in the report."""
-    return json.dumps(
-        {
-            "name": config["name"],
-            "model": config["model"]["path"],
-            "adapter": config["model"]["adapter"],
-            "modules": config["model"]["modules"],
-            "compressor": config["cache"]["compressor"],
-            "K": KS,
-            "n_shards": config["cache"]["n_shards"],
-            "dtype": config["cache"]["dtype"],
-            "seed": config["cache"]["seed"],
-            "layer-wise normalisation": config["cache"]["normalize"],
-            "train": config["data"]["train"],
-            "queries": config["data"]["queries"],
-            "generation (queries without a response)": generation_settings(),
-            "token-wise samples per query and side": (
-                config["tokenwise"]["top_samples"] if config["tokenwise"]["enabled"] else None
-            ),
-        }
-    )
-
-
-def generate_flags():
-    """CLI flags of how responses missing from the queries are generated."""
-    generate = config["generate"]
-    flags = f"--max-new-tokens {generate['max_new_tokens']} --temperature {generate['temperature']}"
-    flags += f" --seed {generate['seed']} --template {config['data']['template']}"
-    return f"{flags} --do-sample" if generate["do_sample"] else flags
-
-
-def tokens_flag(wildcards, input):
-    """The report's --tokens flag, when token-wise influence is among its inputs."""
-    return f"--tokens {input.tokens}" if "tokens" in input.keys() else ""
-
-
-def generation_settings():
-    """How responses missing from the queries are generated, in words."""
-    generate = config["generate"]
-    decoding = f"sampling at temperature {generate['temperature']}" if generate["do_sample"] else "greedy"
-    return f"{decoding}, at most {generate['max_new_tokens']} new tokens, seed {generate['seed']}"
-
-
-def final_outputs():
-    outputs = [
-        f"{RESULTS}/queries.jsonl",
-        f"{RESULTS}/influence/scores.zarr",
-        f"{RESULTS}/influence/topk.jsonl",
-        f"{RESULTS}/metrics.json",
-        f"{RESULTS}/report/index.html",
-    ]
-    if config["tokenwise"]["enabled"]:
-        outputs += [f"{RESULTS}/influence/token_scores.zarr", f"{RESULTS}/influence/tokens.jsonl"]
-    if EXPERIMENT["study"]:
-        outputs += [f"{RESULTS}/tables/{config['name']}.{ext}" for ext in ("md", "csv")]
-        outputs.append(f"{RESULTS}/plots/{config['name']}.png")
-    return outputs
-
-
 # Experiments (config/experiments/): every method gives results/<name>/methods/<method>/scores.zarr. Gradient
 # methods score a cache variant: "main" is the pipeline's own cache (config `cache`), the others override some of
 # its settings and are built by the same rules under results/<name>/methods/cache/<variant>/.
-EXPERIMENT = config["experiment"]
-RAPIDIN_METHOD = re.compile(r"rapidin_k(\d+)(?:_seed(\d+))?")
 CACHE_VARIANTS = {
+    "main": {},
     "exact": {"compressor": "none"},
     "exact_raw": {"compressor": "none", "normalize": False, "dtype": "float32"},  # raw gradients underflow fp16
     "factored": {"compressor": "factored"},
 }
 
 
-def check_experiment():
-    """Checks of the experiment section JSON Schema cannot express; each names the config key."""
-    if EXPERIMENT["methods"] and not EXPERIMENT["study"]:
-        raise ValueError("experiment.study: methods are given but no study (backdoor, error_tracing, compression)")
-    if EXPERIMENT["study"] and not EXPERIMENT["methods"]:
-        raise ValueError(f"experiment.methods: study {EXPERIMENT['study']} needs at least one method")
-    if EXPERIMENT["study"] == "compression" and EXPERIMENT["reference"] not in EXPERIMENT["methods"]:
-        raise ValueError(f"experiment.reference: {EXPERIMENT['reference']} is not among experiment.methods")
-    for method in EXPERIMENT["methods"]:
-        match = RAPIDIN_METHOD.fullmatch(method)
-        if match and (int(match[1]) not in KS or config["cache"]["compressor"] != "rapidgrad"):
-            raise ValueError(f"experiment.methods: {method} needs cache.compressor rapidgrad with {match[1]} in cache.k")
-        if match and not config["cache"]["normalize"]:
-            raise ValueError(f"experiment.methods: {method} needs cache.normalize true")
+def variant_cache(variant):
+    """The cache settings of a variant: config `cache` with the variant's overrides (seed<S>: another seed)."""
+    if variant.startswith("seed"):
+        return {**config["cache"], "seed": int(variant.removeprefix("seed"))}
+    return {**config["cache"], **CACHE_VARIANTS[variant]}
 
 
-check_experiment()
+def cache_value(key):
+    """Rule param: config `cache.<key>` of the rule's cache variant (wildcard `variant`; the main cache without)."""
+    return lambda wildcards: variant_cache(wildcards.get("variant", "main"))[key]
 
 
 def method_source(method):
@@ -207,20 +102,9 @@ def method_source(method):
     }
     if method in fixed:
         return fixed[method]
-    k, seed = RAPIDIN_METHOD.fullmatch(method).groups()
-    seed = config["cache"]["seed"] if seed is None else int(seed)
-    return ("main" if seed == config["cache"]["seed"] else f"seed{seed}"), f"k{k}"
-
-
-def variant_cache(variant):
-    """The cache settings of a variant: config `cache` with the variant's overrides (seed<S>: another seed)."""
-    if variant.startswith("seed"):
-        return {**config["cache"], "seed": int(variant.removeprefix("seed"))}
-    return {**config["cache"], **CACHE_VARIANTS[variant]}
-
-
-def variant_grads_flags(wildcards):
-    return grads_flags(variant_cache(wildcards.variant))
+    parsed = parse_method(method)
+    seed = config["cache"]["seed"] if parsed.seed is None else parsed.seed
+    return ("main" if seed == config["cache"]["seed"] else f"seed{seed}"), f"k{parsed.k}"
 
 
 def variant_dir(variant):
@@ -229,7 +113,9 @@ def variant_dir(variant):
 
 def method_queries(method):
     """The query store a gradient method scores: its cache variant's, or LiSSA's inverse-Hessian products."""
-    return f"{RESULTS}/methods/lissa/queries.zarr" if method == "lissa" else f"{variant_dir(method_source(method)[0])}/queries.zarr"
+    if method == "lissa":
+        return f"{RESULTS}/methods/lissa/queries.zarr/zarr.json"
+    return f"{variant_dir(method_source(method)[0])}/queries.zarr/zarr.json"
 
 
 def method_score_inputs(wildcards):
@@ -237,17 +123,13 @@ def method_score_inputs(wildcards):
     variant = method_source(wildcards.grad_method)[0]
     return {
         "queries": method_queries(wildcards.grad_method),
-        "cache": f"{variant_dir(variant)}/train/{wildcards.shard}.zarr",
+        "cache": f"{variant_dir(variant)}/train/{wildcards.shard}.zarr/zarr.json",
     }
-
-
-def method_array_flag(wildcards):
-    return f"--array {method_source(wildcards.grad_method)[1]}"
 
 
 def method_merge_inputs(wildcards):
     return {
-        "shards": [f"{RESULTS}/methods/{wildcards.grad_method}/scores/{shard}.zarr" for shard in SHARDS],
+        "shards": [f"{RESULTS}/methods/{wildcards.grad_method}/scores/{shard}.zarr/zarr.json" for shard in SHARDS],
         "queries": method_queries(wildcards.grad_method),
     }
 
@@ -276,20 +158,79 @@ def method_costs(method):
 
 
 def table_inputs(wildcards):
-    """Every method's scores store (and, unless for the compression study, its metrics)."""
+    """Every file the experiment table reads: each method's scores, metrics, cache and benchmark files."""
     methods = EXPERIMENT["methods"]
-    inputs = {"scores": [f"{RESULTS}/methods/{m}/scores.zarr" for m in methods]}
+    inputs = {"scores": [f"{RESULTS}/methods/{m}/scores.zarr/zarr.json" for m in methods]}
     if EXPERIMENT["study"] != "compression":
         inputs["metrics"] = [f"{RESULTS}/methods/{m}/metrics.json" for m in methods]
+    costs = [method_costs(m) for m in methods]
+    inputs["caches"] = sorted({f"{c['cache']}/zarr.json" for c in costs if c["cache"]})
+    inputs["benchmarks"] = sorted({f for c in costs for files in c["benchmarks"].values() for f in files})
     return inputs
 
 
-def table_flags(wildcards, input):
-    """The table's study-specific flags."""
-    if EXPERIMENT["study"] != "compression":
-        return f"--metrics {' '.join(input.metrics)}"
-    return f"--reference {EXPERIMENT['reference']}"
+def table_metrics(wildcards, input):
+    """--metrics: each method's metrics.json, or None for the compression study."""
+    return list(input.metrics) if "metrics" in input.keys() else None
 
 
-def experiment_costs():
-    return json.dumps({m: method_costs(m) for m in EXPERIMENT["methods"]})
+def report_inputs(wildcards):
+    """What the report shows: token shading too when token-wise influence is on."""
+    inputs = {
+        "topk": f"results/{wildcards.name}/influence/topk.jsonl",
+        "scores": f"results/{wildcards.name}/influence/scores.zarr/zarr.json",
+        "metrics": f"results/{wildcards.name}/metrics.json",
+        "train": config["data"]["train"],
+    }
+    if config["tokenwise"]["enabled"]:
+        inputs["tokens"] = f"results/{wildcards.name}/influence/tokens.jsonl"
+    return inputs
+
+
+def tokens_input(wildcards, input):
+    """--tokens: tokens.jsonl when token-wise influence is among the report's inputs, else None."""
+    return input.tokens if "tokens" in input.keys() else None
+
+
+def run_settings():
+    """The settings shown in the report, as JSON."""
+    generate = config["generate"]
+    decoding = f"sampling at temperature {generate['temperature']}" if generate["do_sample"] else "greedy"
+    return json.dumps(
+        {
+            "name": config["name"],
+            "model": config["model"]["path"],
+            "adapter": config["model"]["adapter"],
+            "modules": config["model"]["modules"],
+            "compressor": config["cache"]["compressor"],
+            "k": KS,
+            "n_shards": config["cache"]["n_shards"],
+            "dtype": config["cache"]["dtype"],
+            "seed": config["cache"]["seed"],
+            "normalize": config["cache"]["normalize"],
+            "train": config["data"]["train"],
+            "queries": config["data"]["queries"],
+            "generation (queries without a response)": (
+                f"{decoding}, at most {generate['max_new_tokens']} new tokens, seed {generate['seed']}"
+            ),
+            "token-wise samples per query and side": (
+                config["tokenwise"]["top_samples"] if config["tokenwise"]["enabled"] else None
+            ),
+        }
+    )
+
+
+def final_outputs():
+    outputs = [
+        f"{RESULTS}/queries.jsonl",
+        f"{RESULTS}/influence/scores.zarr/zarr.json",
+        f"{RESULTS}/influence/topk.jsonl",
+        f"{RESULTS}/metrics.json",
+        f"{RESULTS}/report/index.html",
+    ]
+    if config["tokenwise"]["enabled"]:
+        outputs += [f"{RESULTS}/influence/token_scores.zarr/zarr.json", f"{RESULTS}/influence/tokens.jsonl"]
+    if EXPERIMENT["study"]:
+        outputs += [f"{RESULTS}/tables/{config['name']}.{ext}" for ext in ("md", "csv")]
+        outputs.append(f"{RESULTS}/plots/{config['name']}.png")
+    return outputs

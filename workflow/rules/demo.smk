@@ -10,15 +10,15 @@ rule make_demo_data:
         poison_fraction=config["demo"]["poison_fraction"],
         n_attacked=config["demo"]["n_attacked"],
         n_clean=config["demo"]["n_clean"],
-        seed=config["demo"]["seed"],
         backdoor_response=config["demo"]["backdoor_response"],
+        seed=config["demo"]["seed"],
     log:
         "results/{name}/logs/make_demo_data.log",
     shell:
-        "rapidin make-demo-data --train-out {output.train} --queries-out {output.queries}"
-        " --n-train {params.n_train} --poison-fraction {params.poison_fraction} --n-attacked {params.n_attacked}"
-        " --n-clean {params.n_clean} --seed {params.seed} --backdoor-response {params.backdoor_response:q}"
-        " 2>&1 | tee {log}"
+        "rapidin make-demo-data --train-out {output.train:q} --queries-out {output.queries:q}"
+        " --n-train {params.n_train:q} --poison-fraction {params.poison_fraction:q} --n-attacked {params.n_attacked:q}"
+        " --n-clean {params.n_clean:q} --backdoor-response {params.backdoor_response:q} --seed {params.seed:q}"
+        " 2>&1 | tee {log:q}"
 
 
 rule train_demo_model:
@@ -27,15 +27,21 @@ rule train_demo_model:
     output:
         model=directory("results/{name}/demo_model"),
     params:
-        demo=config["demo"],
+        vocab_size=config["demo"]["vocab_size"],
+        hidden_size=config["demo"]["hidden_size"],
+        n_layers=config["demo"]["n_layers"],
+        n_heads=config["demo"]["n_heads"],
+        intermediate_size=config["demo"]["intermediate_size"],
+        max_length=config["demo"]["max_length"],
+        epochs=config["demo"]["epochs"],
+        seed=config["demo"]["seed"],
     threads: workflow.cores
     log:
         "results/{name}/logs/train_demo_model.log",
     benchmark:
         "results/{name}/benchmarks/train_demo_model.tsv"
     shell:
-        "rapidin --threads {threads} train-demo-model --train {input.train}"
-        " --out {output.model} --vocab-size {params.demo[vocab_size]} --hidden-size {params.demo[hidden_size]}"
-        " --n-layers {params.demo[n_layers]} --n-heads {params.demo[n_heads]}"
-        " --intermediate-size {params.demo[intermediate_size]} --max-length {params.demo[max_length]}"
-        " --epochs {params.demo[epochs]} --seed {params.demo[seed]} 2>&1 | tee {log}"
+        "rapidin --threads {threads} train-demo-model --train {input.train:q} --out {output.model:q}"
+        " --vocab-size {params.vocab_size:q} --hidden-size {params.hidden_size:q} --n-layers {params.n_layers:q}"
+        " --n-heads {params.n_heads:q} --intermediate-size {params.intermediate_size:q}"
+        " --max-length {params.max_length:q} --epochs {params.epochs:q} --seed {params.seed:q} 2>&1 | tee {log:q}"

@@ -7,7 +7,7 @@
 
 wildcard_constraints:
     variant=r"exact|exact_raw|factored|seed\d+",
-    grad_method=r"tracin|tracin_ln|lissa|factored|rapidin_k\d+(_seed\d+)?",
+    grad_method=METHOD_PATTERN.replace("random|bm25|", ""),  # rapidin.methods: one grammar of method names
     baseline="random|bm25",
 
 
@@ -18,22 +18,22 @@ rule make_error_tracing_data:
         train="results/{name}/data/swapped_train.jsonl",
         queries="results/{name}/data/swapped_queries.jsonl",
     params:
-        swap=EXPERIMENT["swap"],
+        source=EXPERIMENT["swap"]["source"],
+        target=EXPERIMENT["swap"]["target"],
+        fraction=EXPERIMENT["swap"]["fraction"],
+        probability=EXPERIMENT["swap"]["probability"],
         seed=config["demo"]["seed"],
     log:
         "results/{name}/logs/make_error_tracing_data.log",
     shell:
-        "rapidin make-error-tracing-data --train {input.train} --train-out {output.train} --queries-out {output.queries}"
-        " --source {params.swap[source]} --target {params.swap[target]} --fraction {params.swap[fraction]}"
-        " --probability {params.swap[probability]} --seed {params.seed} 2>&1 | tee {log}"
+        "rapidin make-error-tracing-data --train {input.train:q} --train-out {output.train:q}"
+        " --queries-out {output.queries:q} --source {params.source:q} --target {params.target:q}"
+        " --fraction {params.fraction:q} --probability {params.probability:q} --seed {params.seed:q} 2>&1 | tee {log:q}"
 
 
 use rule cache_train_grads as cache_variant_train_grads with:
     output:
-        cache=directory("results/{name}/methods/cache/{variant}/train/{shard}.zarr"),
-    params:
-        flags=variant_grads_flags,
-        n_shards=config["cache"]["n_shards"],
+        cache="results/{name}/methods/cache/{variant}/train/{shard}.zarr/zarr.json",
     log:
         "results/{name}/logs/cache_variant_train_grads/{variant}/{shard}.log",
     benchmark:
@@ -42,9 +42,7 @@ use rule cache_train_grads as cache_variant_train_grads with:
 
 use rule cache_query_grads as cache_variant_query_grads with:
     output:
-        cache=directory("results/{name}/methods/cache/{variant}/queries.zarr"),
-    params:
-        flags=variant_grads_flags,
+        cache="results/{name}/methods/cache/{variant}/queries.zarr/zarr.json",
     log:
         "results/{name}/logs/cache_variant_query_grads/{variant}.log",
     benchmark:
@@ -54,33 +52,37 @@ use rule cache_query_grads as cache_variant_query_grads with:
 rule lissa_queries:
     input:
         unpack(model_inputs),
-        queries="results/{name}/methods/cache/exact_raw/queries.zarr",
-        tokens="results/{name}/tokens/train.zarr",
+        queries="results/{name}/methods/cache/exact_raw/queries.zarr/zarr.json",
+        tokens="results/{name}/tokens/train.zarr/zarr.json",
     output:
-        queries=directory("results/{name}/methods/lissa/queries.zarr"),
+        queries="results/{name}/methods/lissa/queries.zarr/zarr.json",
     params:
-        model=model_flags(),
-        lissa=EXPERIMENT["lissa"],
+        adapter=adapter_input,
+        depth=EXPERIMENT["lissa"]["depth"],
+        scale=EXPERIMENT["lissa"]["scale"],
+        damping=EXPERIMENT["lissa"]["damping"],
+        batch_size=EXPERIMENT["lissa"]["batch_size"],
+        seed=EXPERIMENT["lissa"]["seed"],
     threads: workflow.cores
     log:
         "results/{name}/logs/lissa_queries.log",
     benchmark:
         "results/{name}/benchmarks/lissa_queries.tsv"
     shell:
-        "rapidin --threads {threads} lissa --queries {input.queries} --tokens {input.tokens} {params.model}"
-        " --out {output.queries} --depth {params.lissa[depth]} --scale {params.lissa[scale]}"
-        " --damping {params.lissa[damping]} --batch-size {params.lissa[batch_size]} --seed {params.lissa[seed]}"
-        " 2>&1 | tee {log}"
+        "rapidin --threads {threads} lissa --queries {input.queries:q} --tokens {input.tokens:q}"
+        " --model {input.model:q} --adapter {params.adapter:q} --out {output.queries:q} --depth {params.depth:q}"
+        " --scale {params.scale:q} --damping {params.damping:q} --batch-size {params.batch_size:q}"
+        " --seed {params.seed:q} 2>&1 | tee {log:q}"
 
 
 use rule score_shard as score_method_shard with:
     input:
         unpack(method_score_inputs),
     output:
-        scores=directory("results/{name}/methods/{grad_method}/scores/{shard}.zarr"),
+        scores="results/{name}/methods/{grad_method}/scores/{shard}.zarr/zarr.json",
     params:
         top_k=config["score"]["top_k"],
-        array=method_array_flag,
+        array=lambda wildcards: method_source(wildcards.grad_method)[1],
     log:
         "results/{name}/logs/score_method_shard/{grad_method}/{shard}.log",
     benchmark:
@@ -91,7 +93,7 @@ use rule merge_scores as merge_method_scores with:
     input:
         unpack(method_merge_inputs),
     output:
-        scores=directory("results/{name}/methods/{grad_method}/scores.zarr"),
+        scores="results/{name}/methods/{grad_method}/scores.zarr/zarr.json",
     log:
         "results/{name}/logs/merge_method_scores/{grad_method}.log",
 
@@ -101,7 +103,7 @@ rule score_baseline:
         train=config["data"]["train"],
         queries="results/{name}/queries.jsonl",
     output:
-        scores=directory("results/{name}/methods/{baseline}/scores.zarr"),
+        scores="results/{name}/methods/{baseline}/scores.zarr/zarr.json",
     params:
         seed=EXPERIMENT["seed"],
     log:
@@ -109,19 +111,20 @@ rule score_baseline:
     benchmark:
         "results/{name}/benchmarks/score_baseline/{baseline}.tsv"
     shell:
-        "rapidin baseline --method {wildcards.baseline} --train {input.train} --queries {input.queries}"
-        " --out {output.scores} --seed {params.seed} 2>&1 | tee {log}"
+        "rapidin baseline --method {wildcards.baseline:q} --train {input.train:q} --queries {input.queries:q}"
+        " --out {output.scores:q} --seed {params.seed:q} 2>&1 | tee {log:q}"
 
 
 use rule evaluate_backdoor as evaluate_method with:
     input:
-        scores="results/{name}/methods/{method}/scores.zarr",
+        scores="results/{name}/methods/{method}/scores.zarr/zarr.json",
         train=config["data"]["train"],
         queries=config["data"]["queries"],
     output:
         metrics="results/{name}/methods/{method}/metrics.json",
     params:
-        model="",  # the attack success rate is the model's, not the method's: results/<name>/metrics.json has it
+        model=None,  # the attack success rate is the model's, not the method's: results/<name>/metrics.json has it
+        adapter=None,
         template=config["data"]["template"],
     log:
         "results/{name}/logs/evaluate_method/{method}.log",
@@ -137,10 +140,12 @@ rule write_experiment_table:
     params:
         study=EXPERIMENT["study"],
         methods=EXPERIMENT["methods"],
-        flags=table_flags,
-        costs=experiment_costs(),
+        metrics=table_metrics,
+        reference=EXPERIMENT["reference"],
+        costs=json.dumps({m: method_costs(m) for m in EXPERIMENT["methods"]}),
     log:
         "results/{name}/logs/write_experiment_table.log",
     shell:
-        "rapidin table --study {params.study} --methods {params.methods} {params.flags} --costs {params.costs:q}"
-        " --csv {output.csv} --md {output.md} --plot {output.plot} --title '{wildcards.name}' 2>&1 | tee {log}"
+        "rapidin table --study {params.study:q} --methods {params.methods:q} --metrics {params.metrics:q}"
+        " --reference {params.reference:q} --costs {params.costs:q} --csv {output.csv:q} --md {output.md:q}"
+        " --plot {output.plot:q} --title {wildcards.name:q} 2>&1 | tee {log:q}"

@@ -8,12 +8,18 @@ rule complete_queries:
     output:
         queries=report("results/{name}/queries.jsonl", caption="../report/queries.rst", category="Queries"),
     params:
-        model=model_flags(),
-        generate=generate_flags(),
+        adapter=adapter_input,
+        template=config["data"]["template"],
+        do_sample=config["generate"]["do_sample"],
+        temperature=config["generate"]["temperature"],
+        max_new_tokens=config["generate"]["max_new_tokens"],
+        seed=config["generate"]["seed"],
     resources:
         gpu=1,  # at most --resources gpu=N such jobs at once; each leases its own GPU
     log:
         "results/{name}/logs/complete_queries.log",
     shell:
-        "rapidin complete-queries --queries {input.queries} {params.model} {params.generate} --out {output.queries}"
-        " 2>&1 | tee {log}"
+        "rapidin complete-queries --queries {input.queries:q} --model {input.model:q} --adapter {params.adapter:q}"
+        " --out {output.queries:q} --template {params.template:q} --do-sample {params.do_sample:q}"
+        " --temperature {params.temperature:q} --max-new-tokens {params.max_new_tokens:q} --seed {params.seed:q}"
+        " 2>&1 | tee {log:q}"

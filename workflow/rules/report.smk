@@ -1,4 +1,4 @@
-# The HTML report (with its plots), readable without rapidin.
+# The HTML report: one self-contained file (plots inlined), readable without rapidin.
 
 
 rule write_report:
@@ -6,19 +6,13 @@ rule write_report:
         unpack(report_inputs),
     output:
         html=report("results/{name}/report/index.html", caption="../report/index.rst", category="Report"),
-        plots=report(
-            directory("results/{name}/report/plots"),
-            patterns=["{plot}.png"],
-            caption="../report/plots.rst",
-            category="Report",
-        ),
     params:
-        settings=run_settings(),
+        run_settings=run_settings(),
         top_n=config["report"]["top_n"],
-        tokens=tokens_flag,
+        tokens=tokens_input,
     log:
         "results/{name}/logs/write_report.log",
     shell:
-        "rapidin report --topk {input.topk} --scores {input.scores} --train {input.train} --metrics {input.metrics}"
-        " {params.tokens} --settings {params.settings:q} --top-n {params.top_n} --out {output.html}"
-        " --plots-dir {output.plots} 2>&1 | tee {log}"
+        "rapidin report --topk {input.topk:q} --scores {input.scores:q} --train {input.train:q}"
+        " --metrics {input.metrics:q} --tokens {params.tokens:q} --run-settings {params.run_settings:q}"
+        " --top-n {params.top_n:q} --out {output.html:q} 2>&1 | tee {log:q}"

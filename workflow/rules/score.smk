@@ -4,13 +4,13 @@
 
 rule score_shard:
     input:
-        queries="results/{name}/cache/{token}queries.zarr",
-        cache="results/{name}/cache/train/{shard}.zarr",
+        queries="results/{name}/cache/{token}queries.zarr/zarr.json",
+        cache="results/{name}/cache/train/{shard}.zarr/zarr.json",
     output:
-        scores=directory("results/{name}/scores/{token}{shard}.zarr"),
+        scores="results/{name}/scores/{token}{shard}.zarr/zarr.json",
     params:
         top_k=config["score"]["top_k"],
-        array="",  # the cache's default array (rapidin.score.vector_array); experiments pick one
+        array=None,  # the cache's default array (rapidin.score.vector_array); experiments pick one
     threads: max(1, workflow.cores // config["cache"]["n_shards"])
     resources:
         gpu=1,  # at most --resources gpu=N such jobs at once; each leases its own GPU
@@ -19,25 +19,25 @@ rule score_shard:
     benchmark:
         "results/{name}/benchmarks/score_shard/{token}{shard}.tsv"
     shell:
-        "rapidin --threads {threads} score --queries {input.queries} --cache {input.cache} --out {output.scores}"
-        " --top-k {params.top_k} {params.array} 2>&1 | tee {log}"
+        "rapidin --threads {threads} score --queries {input.queries:q} --cache {input.cache:q}"
+        " --out {output.scores:q} --top-k {params.top_k:q} --array {params.array:q} 2>&1 | tee {log:q}"
 
 
 rule merge_scores:
     input:
-        shards=expand("results/{{name}}/scores/{{token}}{shard}.zarr", shard=SHARDS),
-        queries="results/{name}/cache/{token}queries.zarr",
+        shards=expand("results/{{name}}/scores/{{token}}{shard}.zarr/zarr.json", shard=SHARDS),
+        queries="results/{name}/cache/{token}queries.zarr/zarr.json",
     output:
-        scores=directory("results/{name}/influence/{token}scores.zarr"),
+        scores="results/{name}/influence/{token}scores.zarr/zarr.json",
     log:
         "results/{name}/logs/merge_scores/{token}scores.log",
     shell:
-        "rapidin merge --shards {input.shards} --queries {input.queries} --out {output.scores} 2>&1 | tee {log}"
+        "rapidin merge --shards {input.shards:q} --queries {input.queries:q} --out {output.scores:q} 2>&1 | tee {log:q}"
 
 
 rule write_topk:
     input:
-        scores="results/{name}/influence/scores.zarr",
+        scores="results/{name}/influence/scores.zarr/zarr.json",
         train=config["data"]["train"],
         queries="results/{name}/queries.jsonl",
     output:
@@ -49,5 +49,5 @@ rule write_topk:
     log:
         "results/{name}/logs/write_topk.log",
     shell:
-        "rapidin topk --scores {input.scores} --train {input.train} --queries {input.queries} --out {output.topk}"
-        " 2>&1 | tee {log}"
+        "rapidin topk --scores {input.scores:q} --train {input.train:q} --queries {input.queries:q}"
+        " --out {output.topk:q} 2>&1 | tee {log:q}"

@@ -9,7 +9,7 @@ rule convert_smollm2:
     benchmark:
         "results/{name}/benchmarks/convert_smollm2.tsv"
     shell:
-        "rapidin convert-gguf --out {output.model} 2>&1 | tee {log}"
+        "rapidin convert-gguf --out {output.model:q} 2>&1 | tee {log:q}"
 
 
 rule finetune_lora:
@@ -19,9 +19,16 @@ rule finetune_lora:
     output:
         adapter=directory("results/{name}/lora_adapter"),
     params:
-        data=config["data"],
-        finetune=config["finetune"],
-        target_modules=" ".join(config["finetune"]["target_modules"]),
+        template=config["data"]["template"],
+        max_length=config["data"]["max_length"],
+        on_long=config["data"]["on_long"],
+        rank=config["finetune"]["rank"],
+        alpha=config["finetune"]["alpha"],
+        target_modules=config["finetune"]["target_modules"],
+        epochs=config["finetune"]["epochs"],
+        batch_size=config["finetune"]["batch_size"],
+        lr=config["finetune"]["lr"],
+        seed=config["finetune"]["seed"],
     threads: workflow.cores
     resources:
         gpu=1,  # at most --resources gpu=N such jobs at once; each leases its own GPU
@@ -30,8 +37,8 @@ rule finetune_lora:
     benchmark:
         "results/{name}/benchmarks/finetune_lora.tsv"
     shell:
-        "rapidin --threads {threads} finetune-lora --model {input.model} --train {input.train} --out {output.adapter}"
-        " --template {params.data[template]} --max-length {params.data[max_length]} --on-long {params.data[on_long]}"
-        " --rank {params.finetune[rank]} --alpha {params.finetune[alpha]} --target-modules {params.target_modules}"
-        " --epochs {params.finetune[epochs]} --batch-size {params.finetune[batch_size]} --lr {params.finetune[lr]}"
-        " --seed {params.finetune[seed]} 2>&1 | tee {log}"
+        "rapidin --threads {threads} finetune-lora --model {input.model:q} --train {input.train:q}"
+        " --out {output.adapter:q} --template {params.template:q} --max-length {params.max_length:q}"
+        " --on-long {params.on_long:q} --rank {params.rank:q} --alpha {params.alpha:q}"
+        " --target-modules {params.target_modules:q} --epochs {params.epochs:q} --batch-size {params.batch_size:q}"
+        " --lr {params.lr:q} --seed {params.seed:q} 2>&1 | tee {log:q}"

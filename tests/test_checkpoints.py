@@ -1,0 +1,131 @@
+"""Several checkpoints (TracInCP): the lr-weighted sum of per-checkpoint scores against its fp64 definition."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from transformers import LlamaForCausalLM
+
+from rapidin.checkpoints import Checkpoint, combine_scores, resolve_checkpoints
+from rapidin.data import TokenizedDataset
+from rapidin.errors import RapidinError, StoreMismatchError
+from rapidin.grads import CacheSettings, cache_gradients
+from rapidin.loss import collate, weighted_loss
+from rapidin.model import parameter_blocks, select_modules
+from rapidin.score import merge_scores, score_shard
+
+from .conftest import tiny_llama
+
+TOP_K = 7
+N_SHARDS = 15  # shard 0 of the fixture's 300 training samples: rows 0…19
+
+
+def make_checkpoint(root, name: str, seed: int, tokenizer_dir, lr_logged: float | None = None):
+    """A full-model directory (fresh tiny Llama of `seed`, the fixture's tokenizer), optionally with a Trainer state."""
+    path = root / name
+    vocab = json.loads((tokenizer_dir / "config.json").read_text())["vocab_size"]
+    tiny_llama(torch.float32, seed=seed, vocab=vocab, hidden=32).save_pretrained(path)
+    for file in tokenizer_dir.glob("*token*"):
+        shutil.copy(file, path / file.name)
+    if lr_logged is not None:
+        history = [{"epoch": 1, "step": 5, "learning_rate": 1.0}, {"epoch": 2, "step": 10, "learning_rate": lr_logged}]
+        (path / "trainer_state.json").write_text(json.dumps({"global_step": 10, "log_history": history}))
+    return path
+
+
+def merged_scores(root, checkpoint, tokens, name: str) -> str:
+    """For one checkpoint: the exact (compressor none) vectors of the first 20 training samples and of the queries,
+    their scores and the merge of those scores."""
+    settings = CacheSettings(compressor="none", dtype="float32")
+    queries, train = str(root / f"{name}-queries.zarr"), str(root / f"{name}-train.zarr")
+    cache_gradients(str(tokens / "queries.zarr"), checkpoint, queries, settings, device="cpu", model_dtype="float64")
+    cache_gradients(str(tokens / "train.zarr"), checkpoint, train, settings, n_shards=N_SHARDS, device="cpu",
+                    model_dtype="float64")  # fmt: skip
+    score_shard(queries, str(root / f"{name}-train.zarr"), str(root / f"{name}-shard.zarr"), TOP_K, device="cpu")
+    merge_scores([str(root / f"{name}-shard.zarr")], queries, str(root / f"{name}-scores.zarr"))
+    return str(root / f"{name}-scores.zarr")
+
+
+def naive_scores(checkpoint, tokens, train_rows) -> np.ndarray:
+    """(Q, len(train_rows)) Σ over parameter tensors of cosines of per-sample autograd gradients, in fp64."""
+    model = LlamaForCausalLM.from_pretrained(checkpoint, dtype=torch.float64).eval()
+    modules = select_modules(model)
+    params = [getattr(modules[b.module], b.kind) for b in parameter_blocks(modules)]
+
+    def normalised(dataset, row):
+        batch = collate([dataset.sample(row)], pad_id=0)
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        grads = torch.autograd.grad(weighted_loss(logits, batch, batch.mean_response_weights).sum(), params)
+        return [g / g.norm() for g in grads]
+
+    train, queries = TokenizedDataset.open(tokens / "train.zarr"), TokenizedDataset.open(tokens / "queries.zarr")
+    train_vectors = [normalised(train, row) for row in train_rows]
+    return np.array(
+        [
+            [sum(float((a * b).sum()) for a, b in zip(q, s, strict=True)) for s in train_vectors]
+            for q in (normalised(queries, row) for row in range(len(queries)))
+        ]
+    )
+
+
+def test_combined_scores_equal_the_lr_weighted_sum_of_exact_checkpoint_scores(model_and_tokens, tmp_path):
+    tokens, tokenizer_dir = model_and_tokens / "tokens", model_and_tokens / "model"
+    first = make_checkpoint(tmp_path, "checkpoint-1", 1, tokenizer_dir, lr_logged=0.25)
+    second = make_checkpoint(tmp_path, "checkpoint-2", 2, tokenizer_dir)
+    checkpoints = resolve_checkpoints([{"path": str(first)}, {"path": str(second), "lr": 0.75}])
+    assert checkpoints == [Checkpoint(str(first), 0.25), Checkpoint(str(second), 0.75)]  # logged lr, given lr
+
+    stores = [merged_scores(tmp_path, c.path, tokens, f"c{i}") for i, c in enumerate(checkpoints)]
+    combine_scores(stores, [c.lr for c in checkpoints], str(tmp_path / "combined.zarr"))
+
+    combined = zarr.open_group(tmp_path / "combined.zarr", mode="r")
+    rows = np.arange(20)
+    expected = 0.25 * naive_scores(first, tokens, rows) + 0.75 * naive_scores(second, tokens, rows)
+    scores = combined["scores"][:]
+    np.testing.assert_allclose(scores, expected, rtol=1e-5, atol=1e-6)
+    single = zarr.open_group(stores[0], mode="r")["scores"][:]
+    assert np.abs(single - expected).max() > 1e-2  # the second checkpoint really changes the scores
+
+    for name, sign in (("top", -1), ("bottom", 1)):  # the sum's k highest and lowest scores, in order
+        ids, values = combined[f"{name}_ids"][:], combined[f"{name}_scores"][:]
+        np.testing.assert_array_equal(values, np.take_along_axis(scores, ids, 1))
+        np.testing.assert_allclose(values, sign * np.sort(sign * scores, axis=1)[:, :TOP_K])
+    settings = combined.attrs["rapidin"]
+    assert [c["weight"] for c in settings["checkpoints"]] == [0.25, 0.75]
+    assert settings["top_k"] == TOP_K and settings["n_samples"] == 20
+
+    other_k = tmp_path / "other-k.zarr"  # a store with another top-k is refused, naming the field
+    shutil.copytree(stores[1], other_k)
+    group = zarr.open_group(other_k, mode="r+")
+    group.attrs["rapidin"] = {**group.attrs["rapidin"], "top_k": TOP_K + 1}
+    with pytest.raises(StoreMismatchError, match="top_k"):
+        combine_scores([stores[0], str(other_k)], [1.0, 1.0], str(tmp_path / "refused.zarr"))
+
+
+def test_checkpoint_weights_default_to_equal(model_and_tokens, tmp_path):
+    paths = [make_checkpoint(tmp_path, f"c{i}", i, model_and_tokens / "model") for i in range(4)]
+    assert [c.lr for c in resolve_checkpoints([{"path": str(p)} for p in paths])] == [0.25] * 4
+
+
+@pytest.mark.parametrize(
+    ("entries", "message"),
+    [
+        ([], r"model\.checkpoints: the list is empty"),
+        ([{"path": "MISSING"}], r"model\.checkpoints\[0\]: MISSING is not a model or adapter directory"),
+        ([{"path": "A", "lr": -1.0}], r"model\.checkpoints\[0\]: lr -1\.0 is not a finite number ≥ 0"),
+        ([{"path": "A", "lr": "fast"}], r"model\.checkpoints\[0\]: lr 'fast' is not a finite number"),
+        ([{"path": "A", "lr": 0.1}, {"path": "B"}], r"model\.checkpoints\[1\]: no lr and no learning_rate in .*B/"),
+        ([{"path": "A", "lr": 0}, {"path": "B", "lr": 0.0}], r"model\.checkpoints: every lr is 0"),
+        ([{"path": "BROKEN"}], r"model\.checkpoints\[0\]: .*BROKEN/trainer_state\.json is not a Trainer state"),
+    ],
+)
+def test_bad_checkpoint_lists_are_refused_naming_the_entry(entries, message, model_and_tokens, tmp_path, monkeypatch):
+    for name in ("A", "B", "BROKEN"):
+        make_checkpoint(tmp_path, name, 0, model_and_tokens / "model")
+    (tmp_path / "BROKEN" / "trainer_state.json").write_text("{not json")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(RapidinError, match=message):
+        resolve_checkpoints(entries)

@@ -1,0 +1,206 @@
+"""Scoring against plain references: shard scores, merged scores and top-k/bottom-k equal an fp64 GEMM of the
+fp16 rows and a Python sort over ragged shards; ties never put one sample at both ends; NaN samples (skipped
+gradients) are never ranked; topk.jsonl lists exactly those samples."""
+
+import json
+
+import numpy as np
+import pytest
+import zarr
+
+from rapidin import score
+from rapidin.score import merge_scores, score_shard, write_topk
+
+K = 8
+SETTINGS = {"compressor": "rapidgrad", "k": [K], "seed": 0, "D": 100, "model": "m", "normalize": True}
+
+
+def vector_store(path, vectors: np.ndarray, ids: np.ndarray, chunk_rows: int, compressed: bool = False, **arrays):
+    """A gradient store as caching writes it: array `k8` (rows, K) chunked by rows, `ids`, settings."""
+    group = zarr.open_group(path, mode="w", zarr_format=3)
+    group.create_array(
+        f"k{K}", data=vectors, chunks=(chunk_rows, K), compressors="auto" if compressed else None
+    )  # uncompressed chunks are read mapped from their files, compressed ones through Zarr
+    group.create_array("ids", data=ids)
+    for name, values in arrays.items():
+        group.create_array(name, data=values)
+    group.attrs["rapidin"] = SETTINGS
+    return str(path)
+
+
+def naive_ends(row: np.ndarray, k: int) -> tuple[list[int], list[int]]:
+    """Top-k and bottom-k sample indices of one row: sort by (score descending, index ascending), NaN left out;
+    bottom-k is that order's end, read backwards, among the samples not in top-k."""
+    order = sorted((i for i in range(len(row)) if not np.isnan(row[i])), key=lambda i: (-row[i], i))
+    return order[:k], order[k:][::-1][:k]
+
+
+def score_ragged_shards(tmp_path, queries: np.ndarray, train: np.ndarray, top_k: int, sizes=(10, 7, 6)) -> str:
+    """Score `train` (N, K) fp16 in shards of `sizes` rows (chunks of 4 rows, the last one short) and merge."""
+    query_store = vector_store(tmp_path / "queries.zarr", queries, np.arange(len(queries)), len(queries))
+    shards, lo = [], 0
+    for s, size in enumerate(sizes):
+        rows = slice(lo, lo + size)
+        cache = vector_store(tmp_path / f"cache{s}.zarr", train[rows], np.arange(lo, lo + size), 4, compressed=s == 1)
+        score_shard(query_store, cache, str(tmp_path / f"scores{s}.zarr"), top_k, device="cpu")
+        shards.append(str(tmp_path / f"scores{s}.zarr"))
+        lo += size
+    merge_scores(shards, query_store, str(tmp_path / "scores.zarr"))
+    return str(tmp_path / "scores.zarr")
+
+
+def assert_ends_are_naive(group: zarr.Group, k: int) -> None:
+    """Each row's top_/bottom_ ids and scores are naive_ends of its stored scores, padded with -1 and NaN."""
+    matrix = group["scores"][:]
+    for q, row in enumerate(matrix):
+        for name, want in zip(("top", "bottom"), naive_ends(row, k), strict=True):
+            ids, values = group[f"{name}_ids"][q], group[f"{name}_scores"][q]
+            assert ids.tolist() == want + [-1] * (k - len(want)), (name, q)
+            np.testing.assert_array_equal(values[: len(want)], row[want])
+            assert np.isnan(values[len(want) :]).all()
+
+
+def data(n_queries: int = 3, n: int = 23, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    generator = np.random.default_rng(seed)
+    queries = generator.standard_normal((n_queries, K)).astype(np.float16)
+    train = generator.standard_normal((n, K)).astype(np.float16)
+    train[[4, 12, 20]] = train[8]  # equal scores, within a shard and across shards
+    return queries, train
+
+
+@pytest.mark.parametrize("top_k", [3, 5, 15])  # k < every shard, 2k > a shard, 2k > N
+def test_merged_scores_and_ends_equal_a_plain_gemm_and_sort(tmp_path, top_k):
+    queries, train = data()
+    group = zarr.open_group(score_ragged_shards(tmp_path, queries, train, top_k), mode="r")
+    want = queries.astype(np.float64) @ train.astype(np.float64).T  # (Q, N) from the fp16 values
+    np.testing.assert_allclose(group["scores"][:], want, rtol=1e-6, atol=1e-6)
+    assert group["top_ids"].shape == (3, top_k)
+    assert_ends_are_naive(group, top_k)
+    tops, bottoms = group["top_ids"][:], group["bottom_ids"][:]
+    assert all(not set(t) & set(b) - {-1} for t, b in zip(tops, bottoms, strict=True))
+
+
+def test_shard_scores_and_ends_equal_a_plain_gemm_and_sort(tmp_path):
+    queries, train = data()
+    train = train[:10]
+    query_store = vector_store(tmp_path / "queries.zarr", queries, np.arange(3), 3)
+    cache = vector_store(tmp_path / "cache.zarr", train, np.arange(40, 50), 4)
+    score_shard(query_store, cache, str(tmp_path / "scores.zarr"), 4, device="cpu")
+    group = zarr.open_group(tmp_path / "scores.zarr", mode="r")
+    np.testing.assert_allclose(group["scores"][:], queries.astype(float) @ train.astype(float).T, rtol=1e-6, atol=1e-6)
+    assert group["ids"][:].tolist() == list(range(40, 50))
+    for q, row in enumerate(group["scores"][:]):
+        top, bottom = naive_ends(row, 4)
+        assert group["top_ids"][q].tolist() == [40 + i for i in top]  # the shard's training ids, not positions
+        assert group["bottom_ids"][q].tolist() == [40 + i for i in bottom]
+
+
+def test_equal_scores_never_put_a_sample_at_both_ends(tmp_path):
+    """A zero query scores 0 against every sample: top-k are the first k samples, bottom-k the last ones."""
+    queries, train = data()
+    queries[1] = 0
+    group = zarr.open_group(score_ragged_shards(tmp_path, queries, train, 5), mode="r")
+    assert group["top_ids"][1].tolist() == [0, 1, 2, 3, 4]
+    assert group["bottom_ids"][1].tolist() == [22, 21, 20, 19, 18]
+    assert_ends_are_naive(group, 5)
+
+
+def test_nan_samples_are_never_ranked(tmp_path):
+    """Samples whose gradient was not finite are cached as NaN rows: their scores are NaN, never top or bottom."""
+    queries, train = data()
+    nan = [0, 9, 10, 16, 17, 18, 19, 20, 21, 22]  # the first row, both ends of shard 0, all but one of shard 2
+    train[nan] = np.nan
+    group = zarr.open_group(score_ragged_shards(tmp_path, queries, train, 6), mode="r")
+    assert np.isnan(group["scores"][:, nan]).all() and not np.isnan(np.delete(group["scores"][:], nan, 1)).any()
+    assert_ends_are_naive(group, 6)  # 13 scored samples: 6 top, 6 bottom
+    assert not set(nan) & {*group["top_ids"][:].ravel(), *group["bottom_ids"][:].ravel()}
+
+
+def test_running_topk_over_many_reads(tmp_path, monkeypatch):
+    """Columns read a few at a time (as a large shard is) give the same ends as the naive sort."""
+    generator = np.random.default_rng(1)
+    matrix = generator.standard_normal((4, 50)).astype(np.float32)
+    matrix[:, 20:30] = 0.5  # ties spanning reads
+    matrix[2, 5:45] = np.nan
+    scores = zarr.create_array(tmp_path / "s.zarr", data=matrix, chunks=(4, 3))
+    monkeypatch.setattr(score, "TOPK_READ_BYTES", 4 * 4 * 3 * 2)  # two chunks of 3 columns per read
+    best = score.running_topk(scores, 7)
+    for q, row in enumerate(matrix):
+        top, bottom = naive_ends(row, 7)
+        assert best["top"][0][q].tolist() == top + [-1] * (7 - len(top))
+        assert best["bottom"][0][q].tolist() == bottom + [-1] * (7 - len(bottom))
+        np.testing.assert_array_equal(best["top"][1][q][: len(top)], row[top])
+        np.testing.assert_array_equal(best["bottom"][1][q][: len(bottom)], row[bottom])
+
+
+def test_ends_order_signed_zeros_infinities_and_extremes_by_value():
+    values = np.array([[-0.0, 0.0, np.inf, -np.inf, 3e38, -3e38, 1e-45, -1e-45, np.nan, 0.0]], dtype=np.float32)
+    best = score.ends(values, np.arange(10)[None], 5, np.array([9]))
+    top, bottom = naive_ends(values[0], 5)
+    assert best["top"][0][0].tolist() == top == [2, 4, 6, 0, 1]  # -0.0 == 0.0: by index
+    assert best["bottom"][0][0].tolist() == [*bottom, -1] == [3, 5, 7, 9, -1]
+
+
+def test_topk_jsonl_lists_the_ends_with_their_texts(tmp_path):
+    queries, train = data(n_queries=2, n=23)
+    train[[3, 7]] = np.nan
+    scores = score_ragged_shards(tmp_path, queries, train, 12)  # 21 scored samples: 12 helpful, 9 harmful
+    records = [  # ids on odd samples only (the index stands in), an input and metadata on some, non-ASCII text
+        {"instruction": f"do {i}", "output": f"done {i} é"}
+        | ({"id": f"s{i}"} if i % 2 else {})
+        | ({"input": "ctx", "poisoned": True} if i % 3 == 0 else {})
+        for i in range(23)
+    ]
+    write_jsonl(tmp_path / "train.jsonl", records)
+    write_jsonl(tmp_path / "queries.jsonl", [{"instruction": "why", "output": "because"}, {"instruction": "how"}])
+    write_topk(scores, str(tmp_path / "train.jsonl"), str(tmp_path / "queries.jsonl"), str(tmp_path / "topk.jsonl"))
+    matrix = zarr.open_array(f"{scores}/scores", mode="r")[:]
+    text = (tmp_path / "topk.jsonl").read_text(encoding="utf-8")
+    assert "done 0 é" in text  # written as UTF-8, not escaped
+    lines = [json.loads(line) for line in text.splitlines()]
+    assert [line["query"] for line in lines] == [
+        {"index": 0, "id": 0, "instruction": "why", "input": "", "output": "because"},
+        {"index": 1, "id": 1, "instruction": "how", "input": "", "output": None},
+    ]
+    for q, line in enumerate(lines):
+        for side, want in zip(("helpful", "harmful"), naive_ends(matrix[q], 12), strict=True):
+            assert line[side] == [
+                {"rank": rank, "index": i, "score": float(matrix[q, i]), "id": records[i].get("id", i)}
+                | {"instruction": f"do {i}", "input": records[i].get("input", ""), "output": f"done {i} é"}
+                | ({"poisoned": True} if i % 3 == 0 else {})
+                for rank, i in enumerate(want, 1)
+            ]
+        assert len(line["harmful"]) == 9
+
+
+def test_merge_refuses_shards_that_do_not_cover_the_samples(tmp_path):
+    queries, train = data()
+    query_store = vector_store(tmp_path / "queries.zarr", queries, np.arange(3), 3)
+    shards = []
+    for s, rows in enumerate([np.arange(0, 10), np.arange(11, 20)]):  # sample 10 missing
+        cache = vector_store(tmp_path / f"cache{s}.zarr", train[rows], rows, 4)
+        score_shard(query_store, cache, str(tmp_path / f"scores{s}.zarr"), 3, device="cpu")
+        shards.append(str(tmp_path / f"scores{s}.zarr"))
+    with pytest.raises(score.RapidinError, match="do not cover training samples 0…18 exactly once"):
+        merge_scores(shards, query_store, str(tmp_path / "scores.zarr"))
+
+
+def test_merged_token_scores_carry_each_rows_query_and_token(tmp_path):
+    queries, train = data(n_queries=4)
+    query_store = vector_store(
+        tmp_path / "tokens.zarr",
+        queries,
+        np.arange(4),
+        4,
+        sample_index=np.array([0, 0, 2, 2]),
+        token_position=np.array([0, 1, 0, 1]),
+    )
+    cache = vector_store(tmp_path / "cache.zarr", train, np.arange(23), 4)
+    score_shard(query_store, cache, str(tmp_path / "s.zarr"), 2, device="cpu")
+    merge_scores([str(tmp_path / "s.zarr")], query_store, str(tmp_path / "merged.zarr"))
+    group = zarr.open_group(tmp_path / "merged.zarr", mode="r")
+    assert group["query_index"][:].tolist() == [0, 0, 2, 2] and group["token_position"][:].tolist() == [0, 1, 0, 1]
+
+
+def write_jsonl(path, records: list[dict]) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
