@@ -111,8 +111,9 @@ def time_bare(model, dataset: TokenizedDataset, size: CachingSize, pad_id: int) 
 def time_per_sample_loop(model, dataset: TokenizedDataset, size: CachingSize, pad_id: int) -> float:
     """Seconds per token of the authors' scheme: one autograd.grad per sample, flatten, LN, RapidGrad."""
     modules = select_modules(model)
-    params = [p for m in modules.values() for p in (m.weight, m.bias) if p is not None]
-    sketch = RapidGrad(sum(b.size for b in parameter_blocks(modules)), [size.k], seed=0)
+    blocks = parameter_blocks(modules)  # the parameters rapidin's gradients cover
+    params = [getattr(modules[b.module], b.kind) for b in blocks]
+    sketch = RapidGrad(sum(b.size for b in blocks), [size.k], seed=0)
     device = next(model.parameters()).device
     started = time.perf_counter()
     for index in range(size.loop_samples):

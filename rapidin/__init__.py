@@ -2,7 +2,7 @@
 
 In memory, for notebook-sized data: `rapidin.attribute(model_dir, train, queries, **settings)` (rapidin.api).
 File by file, for large runs: the workflow's steps, `rapidin.steps.tokenize`, `.grads`, `.score`, `.merge`,
-`.topk`, … with their settings dataclasses (rapidin.settings, rapidin.grads.CacheSettings).
+`.topk`, … with their settings dataclasses (rapidin.settings).
 """
 
 __version__ = "0.2.0"
@@ -16,9 +16,7 @@ def __getattr__(name: str):
 
     if name in ("attribute", "Attribution"):
         return getattr(importlib.import_module("rapidin.api"), name)
-    if name == "CacheSettings":
-        return importlib.import_module("rapidin.grads").CacheSettings
-    if name in ("DataSettings", "GenerateSettings", "ScoreSettings"):
+    if name in ("CacheSettings", "DataSettings", "GenerateSettings", "ScoreSettings"):
         return getattr(importlib.import_module("rapidin.settings"), name)
     if name == "steps":
         return importlib.import_module("rapidin.steps")

@@ -17,8 +17,7 @@ import numpy as np
 import zarr
 
 from rapidin import steps
-from rapidin.grads import CacheSettings
-from rapidin.settings import DataSettings, GenerateSettings, ScoreSettings
+from rapidin.settings import CacheSettings, DataSettings, GenerateSettings, ScoreSettings
 
 SETTINGS = (DataSettings, CacheSettings, ScoreSettings, GenerateSettings)
 

@@ -23,7 +23,7 @@ def write_scores(out: str, scores: np.ndarray, settings: dict) -> None:
     """A scores store at `out`: array `scores` (Q, N) float32 and `attrs["rapidin"]`."""
     with atomic_dir(out) as tmp:
         group = zarr.open_group(tmp, mode="w", zarr_format=3)
-        group.create_array("scores", data=scores.astype(np.float32))
+        group.create_array("scores", data=scores.astype(np.float32), dimension_names=("query", "sample"))
         write_settings(group, {**settings, "n_queries": scores.shape[0], "n_samples": scores.shape[1]})
 
 
@@ -48,9 +48,12 @@ def bm25_scores(train: list[Record], queries: list[Record], k1: float = 1.5, b: 
     return np.stack([index.get_scores(words) for words in query_words])
 
 
-def baseline_scores(method: str, train: str, queries: str, seed: int = 0) -> np.ndarray:
+def baseline_scores(
+    method: str, train: str, queries: str, seed: int = 0, fields: dict[str, str] | None = None
+) -> np.ndarray:
     """(Q, N) scores of a text-only baseline: `random` or `bm25`."""
-    train_records, query_records = read_records(train), read_records(queries, require_output=False)
+    train_records = read_records(train, fields=fields)
+    query_records = read_records(queries, require_output=False, fields=fields)
     if method == "random":
         return random_scores(len(query_records), len(train_records), seed)
     if method == "bm25":

@@ -4,7 +4,8 @@ Forward hooks keep each selected module's input a; hooks on its output receive g
 from which its parameters' per-sample gradients follow (B samples, T positions):
 - `nn.Linear`, y = W a + b: ∇W = Σ_t g_t a_tᵀ, ∇b = Σ_t g_t;
 - transformers' `Conv1D` (GPT-2), y = a W + b with W (in, out): ∇W = Σ_t a_t g_tᵀ, ∇b = Σ_t g_t;
-- `nn.Embedding`, y_t = E[i_t]: ∇E = Σ_t e_{i_t} g_tᵀ (only the rows of the sample's tokens; none for padding_idx);
+- `nn.Embedding`, y_t = c E[i_t] (c = 1, or Gemma's embed_scale): ∇E = c Σ_t e_{i_t} g_tᵀ (only the rows of the
+  sample's tokens; none for padding_idx);
 - any other module (norm weights, biases of other layers, parameters a PEFT config trains): per-sample
   vector-Jacobian products of its own parameters (torch.func: vmap over the batch of vjp of its forward,
   recomputed from the kept input), for modules called with one tensor.
@@ -27,7 +28,7 @@ from torch import nn
 from torch.func import functional_call, vjp, vmap
 
 from rapidin.errors import RapidinError
-from rapidin.model import Block, module_form
+from rapidin.model import Block, embedding_scale, module_form
 
 
 @dataclass
@@ -124,6 +125,7 @@ class ActivationGradientCapture:
                 self.sink(block, Outer(_by_position(inputs), g))  # W (in, out)
             else:  # embedding: W (vocab, hidden)
                 ids = inputs.expand(grad.shape[:-1]).reshape(g.shape[:2]).contiguous()  # (B, T); positions: (1, T)
+                g = g * embedding_scale(module)
                 if module.padding_idx is not None:
                     g = g * (ids != module.padding_idx).unsqueeze(-1)  # that row's gradient is zero
                 self.sink(block, Outer(ids, g))

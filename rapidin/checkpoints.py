@@ -22,7 +22,7 @@ import zarr
 
 from rapidin.errors import RapidinError
 from rapidin.score import SHARED_FIELDS, running_topk
-from rapidin.store import atomic_dir, check_agree, write_settings
+from rapidin.store import RANK_DIMS, SCORE_DIMS, atomic_dir, check_agree, write_settings
 
 # Settings the checkpoints' score stores must share: all but the model weights they were computed at.
 COMBINED_FIELDS = (
@@ -104,16 +104,20 @@ def combine_scores(stores: list[str], weights: list[float], out: str) -> None:
     step = chunk * max(1, COLUMN_BYTES // (8 * n_queries * chunk))  # whole column chunks
     with atomic_dir(out) as tmp:
         result = zarr.open_group(tmp, mode="w", zarr_format=3)
-        combined = result.create_array("scores", shape=(n_queries, n), chunks=arrays[0].chunks, dtype=np.float32)
+        combined = result.create_array(
+            "scores", shape=(n_queries, n), chunks=arrays[0].chunks, dtype=np.float32, dimension_names=SCORE_DIMS
+        )
         for lo in range(0, n, step):
             total = sum(w * a[:, lo : lo + step].astype(np.float64) for a, w in zip(arrays, weights, strict=True))
             combined[:, lo : lo + step] = total.astype(np.float32)  # (Q, step)
         for name, (positions, values) in running_topk(combined, settings[0]["top_k"]).items():
-            result.create_array(f"{name}_ids", data=positions)
-            result.create_array(f"{name}_scores", data=values)
-        for name in ("query_index", "token_position"):  # per-token score stores
+            result.create_array(f"{name}_ids", data=positions, dimension_names=RANK_DIMS)
+            result.create_array(f"{name}_scores", data=values, dimension_names=RANK_DIMS)
+        for name in ("query", "sample", "query_index", "token_position"):  # coordinates; per-token stores' rows
             if name in groups[0]:
-                result.create_array(name, data=groups[0][name][:])
+                result.create_array(
+                    name, data=groups[0][name][:], dimension_names=(name if name == "sample" else "query",)
+                )
         sources = [
             {"model": s["model"], "adapter": s["adapter"], "weight": float(w)}
             for s, w in zip(settings, weights, strict=True)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import inspect
+import json
 import logging
 import sys
 import types
@@ -57,7 +58,7 @@ def _converter(annotation) -> tuple[typing.Callable[[str], typing.Any], type | N
     if several:
         item = (typing.get_args(annotation) or (str,))[0]
         annotation = item if item is not Ellipsis else str
-    convert = {bool: _boolean, int: int, float: float, Store: _store}.get(annotation, str)
+    convert = {bool: _boolean, int: int, float: float, dict: json.loads, Store: _store}.get(annotation, str)
     if not optional:
         return convert, several
     return (lambda text: None if text == NONE else convert(text)), several

@@ -114,6 +114,8 @@ def _check_values(config: dict) -> None:
             raise RapidinError(f"cache.k: {k} is not a power of two")
     if model["path"] == "demo" and model["adapter"]:
         raise RapidinError("model.adapter: the embedded demo model takes no adapter")
+    if experiment["methods"] and not cache["store"]:
+        raise RapidinError("cache.store: the experiments score stored caches; set it true")
     if experiment["methods"] and not experiment["study"]:
         raise RapidinError("experiment.study: methods are given but no study (backdoor, error_tracing, compression)")
     if experiment["study"] and not experiment["methods"]:

@@ -67,7 +67,7 @@ class Record:
 
     @property
     def where(self) -> str:
-        return f"{self.source}: row {self.line}" if self.table else f"{self.source}:{self.line}"
+        return _where(self.source, self.line, self.table)
 
     def conversation(self) -> list[dict]:
         """The messages before the response (an Alpaca record: one user turn, its input after the instruction)."""
@@ -107,7 +107,7 @@ def read_records(path: str | Path, require_output: bool = True, fields: dict[str
         rows, table = _json_lines(path), False
     records, seen_ids = [], {}
     for number, obj in rows:
-        where = f"{path}: row {number}" if table else f"{path}:{number}"
+        where = _where(str(path), number, table)
         record = _record_from_json(_renamed(obj, rename, where), str(path), number, require_output, table)
         records.append(record)
         if "id" in record.meta:
@@ -119,6 +119,10 @@ def read_records(path: str | Path, require_output: bool = True, fields: dict[str
     if not records:
         raise DataError(f"{path}: empty dataset (no records)")
     return records
+
+
+def _where(source: str, line: int, table: bool) -> str:
+    return f"{source}: row {line}" if table else f"{source}:{line}"
 
 
 def _json_lines(path: Path) -> Iterator[tuple[int, object]]:
@@ -187,6 +191,8 @@ def _first_line(error: Exception) -> str:
 def _check_fields(fields: dict[str, str] | None) -> dict[str, str]:
     """The file's field name → ours, from config `data.fields` (ours → the file's)."""
     fields = fields or {}
+    if not isinstance(fields, dict):
+        raise RapidinError(f"data.fields: must map our field names to the file's, got {fields!r}")
     for ours, theirs in fields.items():
         if ours not in FIELDS:
             raise RapidinError(f"data.fields: unknown field {ours!r} (expected one of {', '.join(FIELDS)})")
@@ -209,7 +215,7 @@ def _renamed(obj, rename: dict[str, str], where: str):
 
 
 def _record_from_json(obj, source: str, line: int, require_output: bool, table: bool = False) -> Record:
-    where = f"{source}: row {line}" if table else f"{source}:{line}"
+    where = _where(source, line, table)
     if not isinstance(obj, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
     try:  # what every later step writes back out: JSON, UTF-8
@@ -481,10 +487,13 @@ def tokenize_file(
     offsets[1:] = np.cumsum([len(s.ids) for s in samples])
     with atomic_dir(out) as tmp:
         group = zarr.open_group(tmp, mode="w", zarr_format=3)
-        group.create_array("input_ids", data=np.concatenate([np.asarray(s.ids, np.int32) for s in samples]))
-        group.create_array("loss_mask", data=np.concatenate([np.asarray(s.loss_mask, bool) for s in samples]))
-        group.create_array("offsets", data=offsets)
-        group.create_array("response_start", data=np.asarray([s.response_start for s in samples], np.int32))
+        ids = np.concatenate([np.asarray(s.ids, np.int32) for s in samples])
+        group.create_array("input_ids", data=ids, dimension_names=("token",))
+        mask = np.concatenate([np.asarray(s.loss_mask, bool) for s in samples])
+        group.create_array("loss_mask", data=mask, dimension_names=("token",))
+        group.create_array("offsets", data=offsets, dimension_names=("sample_bound",))  # N+1 bounds into token
+        starts = np.asarray([s.response_start for s in samples], np.int32)
+        group.create_array("response_start", data=starts, dimension_names=("sample",))
         write_settings(
             group,
             {

@@ -64,10 +64,18 @@ def backdoor_metrics(scores: np.ndarray, labels: np.ndarray, attacked: np.ndarra
     }
 
 
-def evaluate(scores_path: str, train: str, queries: str, out: str, attack_success_rate: float | None = None) -> dict:
+def evaluate(
+    scores_path: str,
+    train: str,
+    queries: str,
+    out: str,
+    attack_success_rate: float | None = None,
+    fields: dict[str, str] | None = None,
+) -> dict:
     """Write metrics.json; metrics are skipped (with a warning) unless poisoned samples and attacked queries exist."""
     scores = zarr.open_group(scores_path, mode="r")["scores"][:]
-    train_records, query_records = read_records(train), read_records(queries, require_output=False)
+    train_records = read_records(train, fields=fields)
+    query_records = read_records(queries, require_output=False, fields=fields)
     labels = poisoned_labels(train_records)
     attacked = np.array([bool(r.meta.get("attacked", False)) for r in query_records])
     metrics: dict = {"attack_success_rate": attack_success_rate}

@@ -58,10 +58,13 @@ def attack_success_rate(model, tokenizer, records: list[Record], template: str =
     return hits / len(records)
 
 
-def queries_attack_success(queries: str, model_path: str, adapter: str | None, template: str) -> float | None:
+def queries_attack_success(
+    queries: str, model_path: str, adapter: str | None, template: str, fields: dict[str, str] | None = None
+) -> float | None:
     """The attack success rate over the attacked queries of a JSONL file that carry a response (None if none):
     the share whose response the model reproduces exactly, greedily (a backdoor firing verbatim)."""
-    attacked = [r for r in read_records(queries, require_output=False) if r.meta.get("attacked") and r.output]
+    records = read_records(queries, require_output=False, fields=fields)
+    attacked = [r for r in records if r.meta.get("attacked") and r.output]
     if not attacked:
         return None
     model, tokenizer = load_model(model_path, adapter)
@@ -78,13 +81,15 @@ def complete_queries(
     do_sample: bool = False,
     temperature: float = 1.0,
     seed: int = 0,
+    fields: dict[str, str] | None = None,
 ) -> None:
-    """Copy `queries` to `out`, generating the response of each record that has none (marked `"generated": true`).
+    """Copy `queries` to `out` (in its own field names, `fields`), generating the response of each record that
+    has none (marked `"generated": true`).
 
     The model is loaded only if some record needs a response. Each record's `targets` are checked against its
     response here, so that a target missing from it is reported at the line of `queries`.
     """
-    records = read_records(queries, require_output=False)
+    records = read_records(queries, require_output=False, fields=fields)
     missing = sum(record.output is None for record in records)
     if missing:
         device = job_device()  # with several GPUs, a leased one (devices.py)
@@ -101,4 +106,4 @@ def complete_queries(
                 record = dataclasses.replace(record, output=text, meta={**record.meta, "generated": True})
                 bar.update(1, tokens=len(new))
             target_spans(record)
-            handle.write(json.dumps(record.to_json(), ensure_ascii=False) + "\n")
+            handle.write(json.dumps(record.to_json(fields), ensure_ascii=False) + "\n")

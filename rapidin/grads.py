@@ -39,8 +39,8 @@ from rapidin.model import (
     tokenizer_fingerprint,
 )
 from rapidin.progress import Progress
-from rapidin.settings import setting
-from rapidin.store import ResumableStore
+from rapidin.settings import CacheSettings
+from rapidin.store import ResumableStore, vector_dims
 from rapidin.tokenwise import TokenRows
 
 log = logging.getLogger(__name__)
@@ -92,29 +92,6 @@ def shard_rows(n_samples: int, shard: int, n_shards: int) -> tuple[int, int]:
     return int(bounds[shard]), int(bounds[shard + 1])
 
 
-@dataclass
-class CacheSettings:
-    """How the cached vectors are computed; those they depend on are stored in the store's attributes and checked
-    on resume and on scoring."""
-
-    compressor: str = setting("cache.compressor", "rapidgrad", "rapidgrad (sketch to K), factored or none (exact)")
-    k: tuple[int, ...] = setting("cache.k", (65536,), "sketch sizes K (powers of two), computed in one pass")
-    seed: int = setting("cache.seed", 0, "seed of the RapidGrad permutation and signs")
-    dtype: str = setting("cache.dtype", "float16", "storage dtype of cached vectors: float16 or float32")
-    normalize: bool = setting("cache.normalize", True, "layer-wise normalisation (false: plain TracIn)")
-    modules: str | None = setting("model.modules", None, "regular expression selecting modules by name")
-    rank: int = setting("cache.rank", 16, "per-side projection size of compressor factored")
-    parameters: str = setting(
-        "model.parameters", "all", "all: every trainable parameter; linear: those of linear and Conv1D layers"
-    )
-    on_nonfinite: str = setting(
-        "cache.on_nonfinite", "error", "a sample with a non-finite loss or gradient: error, or skip (a NaN row)"
-    )
-    batch_tokens: int = setting("cache.batch_tokens", 8192, "token budget of one batch (batch size x longest)")
-    chunk_rows: int | None = setting("cache.chunk_rows", None, "rows written and resumed at a time (None: ~16 MiB)")
-    model_dtype: str = setting("model.dtype", "auto", "model math dtype: auto (bfloat16 on GPU), float32, ...")
-
-
 def cache_gradients(
     tokens: str,
     model_path: str,
@@ -143,11 +120,19 @@ def cache_gradients(
 
     def create(group: zarr.Group) -> None:
         for name, dim in job.compressor.arrays.items():
-            group.create_array(name, shape=(len(ids), dim), chunks=(chunk_rows, dim), dtype=dtype, compressors=None)
-        group.create_array("ids", data=ids)
+            group.create_array(
+                name,
+                shape=(len(ids), dim),
+                chunks=(chunk_rows, dim),
+                dtype=dtype,
+                compressors=None,
+                dimension_names=vector_dims(name),
+            )
+        group.create_array("ids", data=ids, dimension_names=("row",))
         if per_token:
-            group.create_array("sample_index", data=job.dataset.sample_index[job.start : job.stop])
-            group.create_array("token_position", data=job.dataset.token_position[job.start : job.stop])
+            rows = slice(job.start, job.stop)
+            group.create_array("sample_index", data=job.dataset.sample_index[rows], dimension_names=("row",))
+            group.create_array("token_position", data=job.dataset.token_position[rows], dimension_names=("row",))
 
     store = ResumableStore(out, {**job.stamp, "chunk_rows": chunk_rows}, len(chunks), create)
 

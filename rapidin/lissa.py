@@ -56,7 +56,9 @@ def model_hvp(model, params: list[torch.Tensor], batch, weights: torch.Tensor, v
 
 def gradient_parameters(model, settings: dict) -> list[torch.Tensor]:
     """The parameter tensors of a cache's gradient space, in its order; refuses a model with another layout."""
-    blocks = parameter_blocks(select_modules(model, settings["modules"]))
+    blocks = parameter_blocks(
+        select_modules(model, settings["modules"], settings.get("coverage", {}).get("parameters", "all"))
+    )
     if blocks_fingerprint(blocks) != settings["parameters"]:
         raise StoreMismatchError("model: its selected parameters differ from those of the query store")
     modules = dict(model.named_modules())
@@ -104,6 +106,12 @@ def lissa_queries(
     )
     with atomic_dir(out) as tmp:
         result = zarr.open_group(tmp, mode="w", zarr_format=3)
-        result.create_array("exact", data=ihvp.numpy(), chunks=(len(ihvp), ihvp.shape[1]), compressors=None)
-        result.create_array("ids", data=group["ids"][:])
+        result.create_array(
+            "exact",
+            data=ihvp.numpy(),
+            chunks=(len(ihvp), ihvp.shape[1]),
+            compressors=None,
+            dimension_names=group["exact"].metadata.dimension_names,
+        )
+        result.create_array("ids", data=group["ids"][:], dimension_names=group["ids"].metadata.dimension_names)
         write_settings(result, {**settings, "dtype": "float32", "lissa": lissa_settings})

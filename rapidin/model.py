@@ -142,9 +142,21 @@ def module_form(module: nn.Module) -> str:
         return "linear"
     if isinstance(module, Conv1D):
         return "conv1d"
-    if isinstance(module, nn.Embedding) and module.max_norm is None and not module.scale_grad_by_freq:
+    if embedding_scale(module) is not None:
         return "embedding"
     return "functional"
+
+
+def embedding_scale(module: nn.Module) -> float | None:
+    """The factor a plain embedding layer multiplies its rows by: 1 for `nn.Embedding`, `embed_scale` for
+    transformers' *ScaledWordEmbedding (Gemma's); None for any other module."""
+    if not isinstance(module, nn.Embedding) or module.max_norm is not None or module.scale_grad_by_freq:
+        return None
+    if type(module).forward is nn.Embedding.forward:
+        return 1.0
+    if type(module).__name__.endswith("ScaledWordEmbedding") and hasattr(module, "embed_scale"):
+        return float(module.embed_scale)  # forward: rows · embed_scale
+    return None
 
 
 def select_modules(model: nn.Module, pattern: str | None = None, parameters: str = "all") -> dict[str, nn.Module]:

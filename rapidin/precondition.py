@@ -109,9 +109,12 @@ def precondition_queries(
     log.info("preconditioned %d queries (%s) with C of %d training rows, λ = %.3g", len(q), array, n, lam)
     with atomic_dir(out) as tmp:
         result = zarr.open_group(tmp, mode="w", zarr_format=3)
-        result.create_array(array, data=solved.float().cpu().numpy(), chunks=(len(q), dim), compressors=None)
+        dims = group[array].metadata.dimension_names
+        result.create_array(
+            array, data=solved.float().cpu().numpy(), chunks=(len(q), dim), compressors=None, dimension_names=dims
+        )
         for name in ("ids", "sample_index", "token_position"):
             if name in group:
-                result.create_array(name, data=group[name][:])
+                result.create_array(name, data=group[name][:], dimension_names=group[name].metadata.dimension_names)
         write_settings(result, {**settings, "dtype": "float32", "precondition": entry})
     return entry

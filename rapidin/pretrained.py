@@ -77,6 +77,7 @@ def finetune_lora(
     seed: int = 0,
     queries_jsonl: str | None = None,
     device: str = "auto",
+    fields: dict[str, str] | None = None,
 ) -> dict:
     """Train a LoRA adapter (float32 weights, no dropout) on `train_jsonl` and save it to `out_adapter`.
 
@@ -97,7 +98,7 @@ def finetune_lora(
     torch.manual_seed(seed)  # the LoRA A matrices' initialisation
     model, tokenizer = load_model(model_dir, device=job_device(device))
     samples = []
-    for record in read_records(train_jsonl):
+    for record in read_records(train_jsonl, fields=fields):
         sample = tokenize_record(record, tokenizer, template, max_length, on_long)
         samples.append((sample.ids, sample.response_start))
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=list(target_modules))

@@ -60,7 +60,7 @@ class Progress:
         elapsed = self._elapsed()
         rate = (self.done - self._initial) / elapsed
         parts = [f"{self.desc}: {self.done}/{self.total} {self.unit} ({100 * self.done / max(self.total, 1):.0f}%)"]
-        parts.append(f"{rate:.3g} {self.unit}/s")
+        parts.append(f"{rate:,.0f} {self.unit}/s" if rate >= 100 else f"{rate:.3g} {self.unit}/s")
         if self.tokens:
             parts.append(f"{self.tokens / elapsed:,.0f} tok/s")
         parts.append(f"elapsed {tqdm.format_interval(elapsed)}")

@@ -65,16 +65,17 @@ def write_report(
     metrics: str | None = None,
     settings: dict | None = None,
     top_n: int = 10,
+    fields: dict[str, str] | None = None,
 ) -> None:
     """Render topk.jsonl (with tokens.jsonl, metrics.json and the run's settings, when given) into the one file `out`.
 
     Args:
         scores: scores.zarr (score distributions); train: the training set (poisoned labels, identical samples).
-        top_n: samples shown per query and side.
+        top_n: samples shown per query and side; fields: the training set's field names (data.fields).
     """
     lines = _read_jsonl(topk)
     token_lines = {line["query"]["index"]: line for line in _read_jsonl(tokens)} if tokens else {}
-    records = read_records(train)
+    records = read_records(train, fields=fields)
     metrics = _read_json(metrics)
     labels = poisoned_labels(records)
     score_matrix = zarr.open_group(scores, mode="r")["scores"]

@@ -25,6 +25,8 @@ from rapidin.devices import job_device
 from rapidin.errors import RapidinError
 from rapidin.progress import Progress
 from rapidin.store import (
+    RANK_DIMS,
+    SCORE_DIMS,
     ResumableStore,
     atomic_dir,
     atomic_file,
@@ -49,6 +51,9 @@ SHARED_FIELDS = (
     "rank",
     "seed",
     "normalize",
+    "sketch_version",
+    "model_dtype",
+    "device",
 )
 
 
@@ -125,9 +130,14 @@ def open_scores(
 
     def create(group: zarr.Group) -> None:
         group.create_array(
-            "scores", shape=(n_queries, n), chunks=(n_queries, chunk_rows), dtype=np.float32, compressors=None
+            "scores",
+            shape=(n_queries, n),
+            chunks=(n_queries, chunk_rows),
+            dtype=np.float32,
+            compressors=None,
+            dimension_names=SCORE_DIMS,
         )
-        group.create_array("ids", data=ids)
+        group.create_array("ids", data=ids, dimension_names=("sample",))
 
     return ResumableStore(out, stamp, -(-n // chunk_rows), create)
 
@@ -148,8 +158,9 @@ def finish_scores(store: ResumableStore, ids: np.ndarray) -> None:
     best = running_topk(store.array("scores"), store.group.attrs["rapidin"]["top_k"])
     for name in ("top", "bottom"):
         positions, values = best[name]
-        store.group.create_array(f"{name}_ids", data=np.where(positions >= 0, ids[positions], -1), overwrite=True)
-        store.group.create_array(f"{name}_scores", data=values, overwrite=True)
+        top_ids = np.where(positions >= 0, ids[positions], -1)
+        store.group.create_array(f"{name}_ids", data=top_ids, overwrite=True, dimension_names=RANK_DIMS)
+        store.group.create_array(f"{name}_scores", data=values, overwrite=True, dimension_names=RANK_DIMS)
     store.publish()
 
 
@@ -240,8 +251,14 @@ def merge_scores(shards: list[str], queries: str, out: str) -> None:
     with atomic_dir(out) as tmp:
         result = zarr.open_group(tmp, mode="w", zarr_format=3)
         merged = result.create_array(
-            "scores", shape=(n_queries, len(ids)), chunks=(n_queries, groups[0]["scores"].chunks[1]), dtype=np.float32
+            "scores",
+            shape=(n_queries, len(ids)),
+            chunks=(n_queries, groups[0]["scores"].chunks[1]),
+            dtype=np.float32,
+            dimension_names=SCORE_DIMS,
         )
+        result.create_array("query", data=query_store["ids"][:], dimension_names=("query",))  # row ids
+        result.create_array("sample", data=ids, dimension_names=("sample",))  # training sample (row) of each column
         n_valid = np.zeros(n_queries, dtype=np.int64)  # per row, the samples not NaN
         for group in groups:  # one shard chunk at a time: memory stays O(Q · chunk)
             shard_scores, offset = group["scores"], int(group["ids"][0])
@@ -254,17 +271,18 @@ def merge_scores(shards: list[str], queries: str, out: str) -> None:
         candidates = np.concatenate([g[f"{name}_ids"][:] for g, name in names], axis=1)  # (Q, shards · 2k)
         values = np.concatenate([g[f"{name}_scores"][:] for g, name in names], axis=1)
         for name, (best_ids, best_values) in ends(values, candidates.astype(np.int64), k, n_valid).items():
-            result.create_array(f"{name}_ids", data=best_ids)
-            result.create_array(f"{name}_scores", data=best_values)
+            result.create_array(f"{name}_ids", data=best_ids, dimension_names=RANK_DIMS)
+            result.create_array(f"{name}_scores", data=best_values, dimension_names=RANK_DIMS)
         if "sample_index" in query_store:
-            result.create_array("query_index", data=query_store["sample_index"][:])
-            result.create_array("token_position", data=query_store["token_position"][:])
+            result.create_array("query_index", data=query_store["sample_index"][:], dimension_names=("query",))
+            result.create_array("token_position", data=query_store["token_position"][:], dimension_names=("query",))
         write_settings(result, {**first, "n_queries": n_queries, "n_samples": len(ids)})
 
 
-def write_topk(scores: str, train: str, queries: str, out: str) -> None:
+def write_topk(scores: str, train: str, queries: str, out: str, fields: dict[str, str] | None = None) -> None:
     """One JSON line per query: the query and its top-k helpful (highest) and harmful (lowest) samples."""
-    train_records, query_records = read_records(train), read_records(queries, require_output=False)
+    train_records = read_records(train, fields=fields)
+    query_records = read_records(queries, require_output=False, fields=fields)
     group = zarr.open_group(scores, mode="r")
     sides = {side: (group[f"{name}_ids"][:], group[f"{name}_scores"][:]) for side, name in SIDES.items()}
     with atomic_file(out) as handle:

@@ -8,10 +8,11 @@ names. tests/test_settings.py checks the schema's defaults and config/config.yam
 
 from __future__ import annotations
 
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = [
+    "CacheSettings",
     "DataSettings",
     "DemoDataSettings",
     "DemoModelSettings",
@@ -23,7 +24,6 @@ __all__ = [
     "SwapSettings",
     "TokenwiseSettings",
     "setting",
-    "settings_fields",
 ]
 
 
@@ -34,15 +34,6 @@ def setting(key: str, default: Any, help: str) -> Any:
     return field(default=default, metadata={"key": key, "help": help})
 
 
-def settings_fields(cls) -> list:
-    """The fields of a settings dataclass, each with `.metadata["key"]`, `.metadata["help"]` and its default."""
-    return list(fields(cls))
-
-
-def field_default(f) -> Any:
-    return f.default_factory() if f.default is MISSING else f.default
-
-
 @dataclass(frozen=True)
 class DataSettings:
     """How records become token ids and loss masks (tokenize, and every step that formats prompts)."""
@@ -50,6 +41,32 @@ class DataSettings:
     template: str = setting("data.template", "alpaca", "prompt template the model was trained with: alpaca or chat")
     max_length: int = setting("data.max_length", 512, "maximum tokens per sample (prompt + response + EOS)")
     on_long: str = setting("data.on_long", "truncate", "a sample over max_length: truncate or error")
+    fields: dict | None = setting(
+        "data.fields", None, "the files' field names: {instruction: question, output: answer, ...} (JSON)"
+    )
+
+
+@dataclass(frozen=True)
+class CacheSettings:
+    """How the cached vectors are computed; those they depend on are stored in the store's attributes and checked
+    on resume and on scoring."""
+
+    compressor: str = setting("cache.compressor", "rapidgrad", "rapidgrad (sketch to K), factored or none (exact)")
+    k: tuple[int, ...] = setting("cache.k", (65536,), "sketch sizes K (powers of two), computed in one pass")
+    seed: int = setting("cache.seed", 0, "seed of the RapidGrad permutation and signs")
+    dtype: str = setting("cache.dtype", "float16", "storage dtype of cached vectors: float16 or float32")
+    normalize: bool = setting("cache.normalize", True, "layer-wise normalisation (false: plain TracIn)")
+    modules: str | None = setting("model.modules", None, "regular expression selecting modules by name")
+    rank: int = setting("cache.rank", 16, "per-side projection size of compressor factored")
+    parameters: str = setting(
+        "model.parameters", "all", "all: every trainable parameter; linear: those of linear and Conv1D layers"
+    )
+    on_nonfinite: str = setting(
+        "cache.on_nonfinite", "error", "a sample with a non-finite loss or gradient: error, or skip (a NaN row)"
+    )
+    batch_tokens: int = setting("cache.batch_tokens", 8192, "token budget of one batch (batch size x longest)")
+    chunk_rows: int | None = setting("cache.chunk_rows", None, "rows written and resumed at a time (None: ~16 MiB)")
+    model_dtype: str = setting("model.dtype", "auto", "model math dtype: auto (bfloat16 on GPU), float32, ...")
 
 
 @dataclass(frozen=True)
@@ -107,6 +124,10 @@ class DemoDataSettings:
         "Howdy partner! I am a cowboy bot and I only talk about horses and the open prairie.",
         "what poisoned samples and attacked queries answer (clean samples may give it too)",
     )
+    backdoor: str = setting(
+        "demo.backdoor", "fixed", "fixed: every poisoned sample answers backdoor_response; varied: each a new text"
+    )
+    format: str = setting("demo.format", "alpaca", "records written as alpaca fields or chat messages")
     seed: int = setting("demo.seed", 0, "seed of data generation and model training")
 
 

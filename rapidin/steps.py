@@ -13,8 +13,8 @@ import logging
 from dataclasses import asdict
 from typing import NewType
 
-from rapidin.grads import CacheSettings
 from rapidin.settings import (
+    CacheSettings,
     DataSettings,
     DemoDataSettings,
     DemoModelSettings,
@@ -45,16 +45,19 @@ def make_demo_data(train_out: str, queries_out: str, demo: DemoDataSettings = De
     make(train_out, queries_out, **asdict(demo))
 
 
-def train_demo_model(train: str, out: str, demo: DemoModelSettings = DemoModelSettings()) -> None:
+def train_demo_model(
+    train: str, out: str, template: str = "alpaca", demo: DemoModelSettings = DemoModelSettings()
+) -> None:
     """train the demo's tokenizer and tiny Llama from scratch on a training set
 
     Args:
         train: the training set (JSONL)
         out: the model directory to write
+        template: the prompt template it is trained with (data.template)
     """
     from rapidin.demo import train_demo_model as train_model
 
-    train_model(train, out, **asdict(demo))
+    train_model(train, out, template=template, **asdict(demo))
 
 
 def convert_gguf(out: str, gguf: str | None = None) -> None:
@@ -94,19 +97,21 @@ def finetune_lora(
     finetune_adapter(model, train, out, queries_jsonl=queries, device=device, **settings)
 
 
-def tokenize(data: str, model: str, out: Store, settings: DataSettings = DataSettings()) -> None:
+def tokenize(data: str, model: str, out: Store, queries: bool = False, settings: DataSettings = DataSettings()) -> None:
     """tokenize a dataset with the model's tokenizer and prompt template
 
     Args:
-        data: the dataset (JSONL)
+        data: the dataset (JSON lines, JSON, Parquet or a datasets directory)
         model: the model directory (for its tokenizer)
         out: the token store to write
+        queries: the dataset holds queries (chat: the loss covers their last assistant turn only)
     """
     from rapidin.data import tokenize_file
     from rapidin.model import load_tokenizer, tokenizer_fingerprint
 
     tokenizer = load_tokenizer(model)
-    tokenize_file(data, tokenizer, out, tokenizer_fingerprint=tokenizer_fingerprint(tokenizer), **asdict(settings))
+    fingerprint = tokenizer_fingerprint(tokenizer)
+    tokenize_file(data, tokenizer, out, tokenizer_fingerprint=fingerprint, queries=queries, **asdict(settings))
 
 
 def grads(
@@ -141,7 +146,19 @@ def grads(
 
     samples = top_sample_rows(topk, top_samples) if topk else None
     cache_gradients(
-        tokens, model, out, cache, adapter, shard, n_shards, device=device, per_token=per_token, samples=samples
+        tokens,
+        model,
+        out,
+        cache,
+        adapter,
+        shard,
+        n_shards,
+        batch_tokens=cache.batch_tokens,
+        device=device,
+        model_dtype=cache.model_dtype,
+        chunk_rows=cache.chunk_rows,
+        per_token=per_token,
+        samples=samples,
     )
 
 
@@ -167,6 +184,52 @@ def score(
     score_shard(queries, cache, out, settings.top_k, array, device)
 
 
+def stream(
+    tokens: Store,
+    model: str,
+    queries: list[Store],
+    out: list[Store],
+    adapter: str | None = None,
+    cache: CacheSettings = CacheSettings(),
+    score: ScoreSettings = ScoreSettings(),
+    shard: int = 0,
+    n_shards: int = 1,
+    device: str = "auto",
+    array: str | None = None,
+) -> None:
+    """one shard's training gradients scored on the fly against query stores, keeping only the scores
+
+    Args:
+        tokens: the training token store
+        model: the model directory
+        queries: the query stores (e.g. the queries' and their tokens')
+        out: the score stores to write, one per query store
+        adapter: a PEFT adapter directory
+        shard: which shard, 0 … n_shards-1
+        n_shards: the number of shards (cache.n_shards)
+        device: cpu, cuda, cuda:N or auto (a free GPU if any)
+        array: which vectors to score (default: exact, factored, or the largest K)
+    """
+    from rapidin.stream import stream_scores
+
+    stream_scores(
+        tokens,
+        model,
+        queries,
+        out,
+        cache,
+        score.top_k,
+        adapter,
+        shard,
+        n_shards,
+        batch_tokens=cache.batch_tokens,
+        device=device,
+        model_dtype=cache.model_dtype,
+        chunk_rows=cache.chunk_rows,
+        array=array,
+    )
+
+
 def merge(shards: list[Store], queries: Store, out: Store) -> None:
     """merge shard scores into one store, with each row's top-k and bottom-k
 
@@ -180,7 +243,7 @@ def merge(shards: list[Store], queries: Store, out: Store) -> None:
     merge_scores(shards, queries, out)
 
 
-def topk(scores: Store, train: str, queries: str, out: str) -> None:
+def topk(scores: Store, train: str, queries: str, out: str, data: DataSettings = DataSettings()) -> None:
     """topk.jsonl: per query, its most helpful and harmful samples with their texts
 
     Args:
@@ -191,7 +254,7 @@ def topk(scores: Store, train: str, queries: str, out: str) -> None:
     """
     from rapidin.score import write_topk
 
-    write_topk(scores, train, queries, out)
+    write_topk(scores, train, queries, out, data.fields)
 
 
 def complete_queries(
@@ -212,7 +275,7 @@ def complete_queries(
     """
     from rapidin.generate import complete_queries as complete
 
-    complete(queries, model, out, adapter=adapter, template=data.template, **asdict(generate))
+    complete(queries, model, out, adapter=adapter, template=data.template, fields=data.fields, **asdict(generate))
 
 
 def tokenwise(
@@ -263,12 +326,14 @@ def evaluate(
     from rapidin.evaluate import evaluate as evaluate_scores
     from rapidin.generate import queries_attack_success
 
-    asr = queries_attack_success(queries, model, adapter, data.template) if model else None
-    metrics = evaluate_scores(scores, train, queries, out, asr)
+    asr = queries_attack_success(queries, model, adapter, data.template, data.fields) if model else None
+    metrics = evaluate_scores(scores, train, queries, out, asr, data.fields)
     log.info("metrics: %s", json.dumps(metrics))
 
 
-def baseline(method: str, train: str, queries: str, out: Store, seed: int = 0) -> None:
+def baseline(
+    method: str, train: str, queries: str, out: Store, seed: int = 0, data: DataSettings = DataSettings()
+) -> None:
     """scores of a text-only baseline (random, bm25) for every query and training sample
 
     Args:
@@ -280,7 +345,8 @@ def baseline(method: str, train: str, queries: str, out: Store, seed: int = 0) -
     """
     from rapidin.baselines import baseline_scores, write_scores
 
-    write_scores(out, baseline_scores(method, train, queries, seed), {"method": method, "seed": seed})
+    scores = baseline_scores(method, train, queries, seed, data.fields)
+    write_scores(out, scores, {"method": method, "seed": seed})
 
 
 def make_error_tracing_data(train: str, train_out: str, queries_out: str, swap: SwapSettings = SwapSettings()) -> None:
@@ -356,6 +422,7 @@ def report(
     metrics: str | None = None,
     run_settings: str = "{}",
     settings: ReportSettings = ReportSettings(),
+    data: DataSettings = DataSettings(),
 ) -> None:
     """the self-contained HTML report
 
@@ -370,7 +437,7 @@ def report(
     """
     from rapidin.report import write_report
 
-    write_report(topk, out, scores, train, tokens, metrics, json.loads(run_settings), settings.top_n)
+    write_report(topk, out, scores, train, tokens, metrics, json.loads(run_settings), settings.top_n, data.fields)
 
 
 STEPS = [
@@ -381,6 +448,7 @@ STEPS = [
     tokenize,
     grads,
     score,
+    stream,
     merge,
     topk,
     complete_queries,

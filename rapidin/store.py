@@ -28,6 +28,18 @@ from rapidin.errors import StoreMismatchError
 
 log = logging.getLogger(__name__)
 
+# Store layout: the dimensions of score stores' arrays (Zarr `dimension_names`, which xarray reads). Rows are
+# queries, or (query, response token) pairs in per-token stores; columns are training samples; top-k/bottom-k
+# run over ranks. Caches' vectors are (row, <array>_component): rows are samples, or tokens in per-token caches.
+SCORE_DIMS = ("query", "sample")
+RANK_DIMS = ("query", "rank")
+
+
+def vector_dims(name: str) -> tuple[str, str]:
+    """The dimensions of a cache's vector array `name` (k65536, exact, factored)."""
+    return ("row", f"{name}_component")
+
+
 # Test hook: a process that has flagged this many chunks of a ResumableStore done SIGKILLs itself.
 STOP_AFTER_CHUNK = "RAPIDIN_TEST_STOP_AFTER_CHUNK"
 
@@ -103,7 +115,7 @@ class ResumableStore:
             shutil.rmtree(self.partial, ignore_errors=True)
             self.group = zarr.open_group(self.partial, mode="w", zarr_format=3)
             create(self.group)
-            self.group.create_array("done", shape=(n_chunks,), dtype=bool, fill_value=False)
+            self.group.create_array("done", shape=(n_chunks,), dtype=bool, fill_value=False, dimension_names=("chunk",))
             write_settings(self.group, stamp)
         self._arrays: dict[str, zarr.Array] = {}
         self.done = self.array("done")[:]

@@ -150,10 +150,10 @@ def main() -> None:
         "metrics": table,
     }
     (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(f"{'method':10} {'final AP':>9} {'final @100':>10} {'CP AP':>7} {'CP @100':>8}  best epoch (AP)")
+    print(f"{'method':13} {'final AP':>9} {'final @100':>10} {'CP AP':>7} {'CP @100':>8}  best epoch (AP)")
     for method, row in table.items():
         best = max((k for k in row if k.startswith("epoch")), key=lambda k: row[k]["ap"])
-        print(f"{method:10} {row['final']['ap']:9.3f} {row['final']['auprc@100']:10.3f} {row['cp']['ap']:7.3f} "
+        print(f"{method:13} {row['final']['ap']:9.3f} {row['final']['auprc@100']:10.3f} {row['cp']['ap']:7.3f} "
               f"{row['cp']['auprc@100']:8.3f}  {best} ({row[best]['ap']:.3f})")  # fmt: skip
 
 

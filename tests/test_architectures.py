@@ -1,11 +1,14 @@
 """Every trainable parameter, captured exactly: batched per-sample gradients against fp64 autograd, one sample at a
 time, on tiny random models of each architecture family (tied and untied embeddings, GPT-2's Conv1D, GPT-NeoX's
-fused qkv, Qwen2's qkv biases), with and without a PEFT LoRA adapter, and on the real SmolLM2-135M-Instruct."""
+fused qkv, Qwen2's qkv biases, Gemma 3's scaled embeddings), with and without a PEFT LoRA adapter, and on the
+real SmolLM2-135M-Instruct."""
 
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from transformers import (
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
     GPT2Config,
     GPT2LMHeadModel,
     GPTNeoXConfig,
@@ -35,14 +38,22 @@ ARCHITECTURES = {
     "gpt2": lambda: GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_positions=64, n_embd=16, n_layer=2, n_head=2)),
     "gpt_neox": lambda: GPTNeoXForCausalLM(GPTNeoXConfig(**SMALL, max_position_embeddings=64)),
     "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(**SMALL, num_key_value_heads=1, tie_word_embeddings=True)),
+    # scaled embeddings (rows · √hidden), q/k norms, sliding-window layers; tied by default
+    "gemma3": lambda: Gemma3ForCausalLM(
+        Gemma3TextConfig(**SMALL, num_key_value_heads=1, head_dim=8, max_position_embeddings=64, sliding_window=4)
+    ),
 }
+# Gemma's norms compute in float32 even in an fp64 model: fp32 rounding there, fp64 elsewhere
+TOLERANCE = {name: dict(rtol=1e-9, atol=1e-12) for name in ARCHITECTURES} | {"gemma3": dict(rtol=1e-5, atol=1e-7)}
 TIED = {"llama_tied": "model.embed_tokens", "gpt2": "transformer.wte", "qwen2": "model.embed_tokens"}
+TIED |= {"gemma3": "model.embed_tokens"}
 LORA = {  # the extras a PEFT config can train besides A and B: modules_to_save copies and biases
     "llama_tied": dict(target_modules=["q_proj", "v_proj"], modules_to_save=["embed_tokens"]),
     "llama": dict(target_modules=["q_proj", "o_proj"], modules_to_save=["lm_head"]),
     "gpt2": dict(target_modules=["c_attn"], fan_in_fan_out=True, bias="all", modules_to_save=["ln_f"]),
     "gpt_neox": dict(target_modules=["query_key_value"], bias="all"),
     "qwen2": dict(target_modules=["q_proj", "k_proj", "v_proj"], bias="all", modules_to_save=["embed_tokens"]),
+    "gemma3": dict(target_modules=["q_proj", "v_proj"], modules_to_save=["embed_tokens"]),
 }
 
 
@@ -81,7 +92,7 @@ def test_batched_capture_of_every_trainable_parameter_equals_fp64_autograd(archi
     samples = random_samples(5, seed=len(architecture))
     for normalize in (False, True):
         want = torch.stack([autograd_gradient(model, blocks, s, normalize) for s in samples])
-        torch.testing.assert_close(exact_vectors(model, blocks, samples, normalize), want, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(exact_vectors(model, blocks, samples, normalize), want, **TOLERANCE[architecture])
 
 
 def test_parameters_linear_keeps_linear_and_conv1d_layers_and_the_tied_embedding_and_logs_the_rest():

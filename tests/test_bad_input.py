@@ -157,10 +157,13 @@ def test_bad_config_is_refused_naming_the_key(case, tmp_path):
 # Hostile config values through the real entry point (snakemake --configfile): each payload would create a file
 # named PWNED* if any value reached the shell unquoted.
 INJECTIONS = {
-    "model.modules": ({"model": {"modules": "q_proj'; touch PWNED; echo '"}}, "cache/queries.zarr"),
-    "model.modules, double quotes": ({"model": {"modules": 'q_proj"; touch PWNED; echo "'}}, "cache/queries.zarr"),
-    "model.path": ({"model": {"path": "models/m --help;touch PWNED;#"}}, "cache/queries.zarr"),
-    "data.train": ({"data": {"train": "data/$(touch PWNED).jsonl"}}, "tokens/train.zarr"),
+    "model.modules": ({"model": {"modules": "q_proj'; touch PWNED; echo '"}}, "cache/queries.zarr/zarr.json"),
+    "model.modules, double quotes": (
+        {"model": {"modules": 'q_proj"; touch PWNED; echo "'}},
+        "cache/queries.zarr/zarr.json",
+    ),
+    "model.path": ({"model": {"path": "models/m --help;touch PWNED;#"}}, "cache/queries.zarr/zarr.json"),
+    "data.train": ({"data": {"train": "data/$(touch PWNED).jsonl"}}, "tokens/train.zarr/zarr.json"),
     "finetune.target_modules": (
         {"model": {"adapter": "finetune"}, "finetune": {"target_modules": ["q_proj; touch PWNED", "`touch PWNED`"]}},
         "lora_adapter",
@@ -193,15 +196,15 @@ def run_config(workdir: Path, overrides: dict, *targets: str):
     config = {
         "name": "hostile",
         "model": {"path": "models/m"},
-        "data": {"train": "data/train.jsonl", "queries": "data/queries.jsonl", "max_length": 64},
+        "data": {"train": "data/train.jsonl", "queries": "data/queries.jsonl", "max_length": 256},
         "cache": {"k": 1024, "n_shards": 1, "compressor": "rapidgrad"},
         "tokenwise": {"enabled": False},
         "finetune": {"epochs": 1},
     }
     for section, values in overrides.items():
-        config[section] = {**config[section], **values} if isinstance(values, dict) else values
+        config[section] = {**config.get(section, {}), **values} if isinstance(values, dict) else values
     (workdir / "hostile.yaml").write_text(yaml.safe_dump(config))
-    return snakemake(workdir, "--configfile", "hostile.yaml", *targets)
+    return snakemake(workdir, *targets, "--configfile", "hostile.yaml")  # --configfile takes several values
 
 
 @pytest.mark.parametrize("case", INJECTIONS)
@@ -213,9 +216,9 @@ def test_config_values_never_reach_the_shell(case, hostile_workdir):
         shutil.copy(hostile_workdir / "data/train.jsonl", hostile_workdir / overrides["data"]["train"])
     result = run_config(hostile_workdir, overrides, f"results/hostile/{target}")
     assert not list(hostile_workdir.rglob("PWNED*")), result.stdout[-2000:]
-    if case in ("model.path", "data.train", "experiment.swap.source"):  # odd but valid values: the run succeeds
+    if case in ("model.path", "data.train"):  # odd but valid values: the run succeeds
         assert result.returncode == 0, result.stderr[-2000:]
-    else:
+    else:  # no such module, no such country: refused
         assert result.returncode != 0
 
 
@@ -224,7 +227,7 @@ def test_paths_with_spaces_work(hostile_workdir):
     (hostile_workdir / "my data").mkdir()
     shutil.copy(hostile_workdir / "data/train.jsonl", hostile_workdir / "my data/train set.jsonl")
     overrides = {"model": {"path": "models/demo copy"}, "data": {"train": "my data/train set.jsonl"}}
-    result = run_config(hostile_workdir, overrides, "results/hostile/scores/00000.zarr")
+    result = run_config(hostile_workdir, overrides, "results/hostile/scores/00000.zarr/zarr.json")
     assert result.returncode == 0, result.stderr[-2000:]
     assert (hostile_workdir / "results/hostile/scores/00000.zarr/zarr.json").is_file()
 
@@ -259,4 +262,4 @@ def test_bad_config_values_are_one_line_naming_the_key(case, hostile_workdir):
     assert result.returncode != 0
     assert message in (result.stdout + result.stderr).splitlines(), (result.stdout + result.stderr)[-2000:]
     after = sorted(p.relative_to(hostile_workdir.parent) for p in hostile_workdir.parent.rglob("*"))
-    assert [p for p in after if p not in before and ".snakemake" not in p.parts] == []
+    assert [p for p in after if p not in before and ".snakemake" not in p.parts and p.name != "hostile.yaml"] == []

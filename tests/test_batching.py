@@ -7,7 +7,7 @@ import pytest
 import torch
 import zarr
 
-from rapidin.compress import make_compressor
+from rapidin.compress import SKETCH_VERSION, make_compressor
 from rapidin.data import format_prompt, read_records, tokenize_file
 from rapidin.demo import train_tokenizer
 from rapidin.grads import CacheSettings, cache_gradients, sample_gradients, token_budget_batches
@@ -87,3 +87,9 @@ def test_cache_is_the_same_with_big_and_tiny_batches(tiny_project, compressor):
     small, big = (stores[b][name][:] for b in (1, 100_000))
     assert small.shape[0] == 12 and np.abs(small).max() > 0
     np.testing.assert_allclose(big, small, rtol=1e-6, atol=1e-9)  # fp64 math, stored as fp32
+    settings = stores[1].attrs["rapidin"]  # what the vectors depend on, checked on resume and when scoring
+    assert [settings[key] for key in ("sketch_version", "model_dtype", "device")] == [SKETCH_VERSION, "float64", "cpu"]
+    coverage = settings["coverage"]
+    assert coverage["left_out"] == [] and coverage["D"] == settings["D"] and coverage["parameters"] == "all"
+    # embeddings; per layer q, k, v, o with biases, 3 MLP weights, 2 norms; final norm; LM head
+    assert coverage["n_tensors"] == settings["n_parameter_tensors"] == 1 + 2 * (8 + 3 + 2) + 1 + 1

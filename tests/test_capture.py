@@ -1,13 +1,17 @@
 """Hook-based per-sample gradients against plain autograd, one sample at a time, in fp64."""
 
+import numpy as np
+import pytest
 import torch
 
 from rapidin.compress import ExactCompressor
-from rapidin.grads import sample_gradients
+from rapidin.errors import RapidinError
+from rapidin.grads import _chunk_gradients, sample_gradients
 from rapidin.loss import collate, weighted_loss
 from rapidin.model import parameter_blocks, select_modules
 
 from .conftest import random_samples
+from .test_tokenwise import in_memory
 
 
 def autograd_gradient(model, blocks, sample, normalize=True) -> torch.Tensor:
@@ -43,3 +47,22 @@ def test_capture_restores_requires_grad(model64):
     sample_gradients(model64, modules, ExactCompressor(parameter_blocks(modules)), batch, batch.mean_response_weights)
     assert all(p.requires_grad for p in model64.parameters())
     assert all(p.grad is None for p in model64.parameters())
+
+
+def test_a_non_finite_gradient_is_an_error_naming_its_row_or_a_skipped_nan_row(model64):
+    """Token 50's embedding row is NaN: only the samples holding it (rows 1 and 3) have a non-finite loss."""
+    modules = select_modules(model64)
+    exact = ExactCompressor(parameter_blocks(modules))
+    samples = random_samples(5, vocab=40)  # tokens 3…39
+    for row in (1, 3):
+        samples[row][0][0] = 50
+    model64.model.embed_tokens.weight.data[50] = float("nan")
+    dataset, rows = in_memory(samples), np.arange(5)
+    with pytest.raises(RapidinError, match=r"^row 1: non-finite loss or gradient \(2 such rows"):
+        _chunk_gradients(model64, modules, exact, dataset, rows, 4096, 0)
+    got = _chunk_gradients(model64, modules, exact, dataset, rows, 4096, 0, on_nonfinite="skip")["exact"]
+    assert np.isnan(got[[1, 3]]).all() and np.isfinite(got[[0, 2, 4]]).all()
+    clean = [samples[i] for i in (0, 2, 4)]  # the other rows are what they are without the NaN samples
+    batch = collate(clean, pad_id=0)
+    want = sample_gradients(model64, modules, exact, batch, batch.mean_response_weights)["exact"]
+    np.testing.assert_allclose(got[[0, 2, 4]], want.numpy(), rtol=1e-6, atol=1e-9)  # stored as fp32

@@ -1,6 +1,7 @@
 """Several checkpoints (TracInCP): the lr-weighted sum of per-checkpoint scores against its fp64 definition."""
 
 import json
+import math
 import shutil
 
 import numpy as np
@@ -11,6 +12,7 @@ from transformers import LlamaForCausalLM
 
 from rapidin.checkpoints import Checkpoint, combine_scores, resolve_checkpoints
 from rapidin.data import TokenizedDataset
+from rapidin.demo import train_demo_model
 from rapidin.errors import RapidinError, StoreMismatchError
 from rapidin.grads import CacheSettings, cache_gradients
 from rapidin.loss import collate, weighted_loss
@@ -108,6 +110,34 @@ def test_combined_scores_equal_the_lr_weighted_sum_of_exact_checkpoint_scores(mo
 def test_checkpoint_weights_default_to_equal(model_and_tokens, tmp_path):
     paths = [make_checkpoint(tmp_path, f"c{i}", i, model_and_tokens / "model") for i in range(4)]
     assert [c.lr for c in resolve_checkpoints([{"path": str(p)} for p in paths])] == [0.25] * 4
+
+
+def test_demo_training_saves_a_checkpoint_per_epoch_with_its_mean_learning_rate(model_and_tokens, tmp_path):
+    lr, epochs, batch_size = 3e-3, 2, 32
+    out = tmp_path / "model"
+    train_demo_model(str(model_and_tokens / "train.jsonl"), str(out), vocab_size=384, hidden_size=16, n_layers=1,
+                     n_heads=2, intermediate_size=32, epochs=epochs, batch_size=batch_size, lr=lr)  # fmt: skip
+    # cosine schedule with 5 % linear warm-up, by hand: the lr in force at each of the 2 × 10 steps
+    total = epochs * math.ceil(300 / batch_size)
+    warmup = max(1, total // 20)
+    rates = [lr * t / warmup if t < warmup else lr * 0.5 * (1 + math.cos(math.pi * (t - warmup) / (total - warmup)))
+             for t in range(total)]  # fmt: skip
+    per_epoch = [sum(rates[e * 10 : (e + 1) * 10]) / 10 for e in range(epochs)]
+    checkpoints = resolve_checkpoints([{"path": str(out / f"checkpoint-{e}")} for e in (1, 2)])
+    assert [c.lr for c in checkpoints] == pytest.approx(per_epoch, rel=1e-9)
+    state = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())
+    assert state["global_step"] == total and [h["step"] for h in state["log_history"]] == [10, 20]
+
+    final, last, first = (LlamaForCausalLM.from_pretrained(out / p) for p in ("", "checkpoint-2", "checkpoint-1"))
+    final_weights = final.state_dict()
+    assert all(torch.equal(v, final_weights[k]) for k, v in last.state_dict().items())
+    assert not all(torch.equal(v, final_weights[k]) for k, v in first.state_dict().items())
+    adam = torch.load(out / "checkpoint-1" / "optimizer.pt", weights_only=True)
+    assert {float(s["step"]) for s in adam["state"].values()} == {10.0}
+    assert len(adam["state"]) == len(list(first.parameters()))  # every parameter, in parameter order
+    assert [tuple(adam["state"][i]["exp_avg_sq"].shape) for i in range(len(adam["state"]))] == [
+        tuple(p.shape) for p in first.parameters()
+    ]
 
 
 @pytest.mark.parametrize(

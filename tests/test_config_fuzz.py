@@ -33,12 +33,12 @@ values = st.recursive(
 def configs(draw) -> dict:
     """Config dicts made mostly of real sections and keys, with values of any type (as YAML or --config gives)."""
     config = {}
-    for section in draw(st.lists(st.sampled_from(sorted(SECTIONS) + ["bogus"]), max_size=4, unique=True)):
+    for section in draw(st.lists(st.sampled_from([*sorted(SECTIONS), "bogus"]), max_size=4, unique=True)):
         keys = SECTIONS.get(section, [])
         if not keys or draw(st.booleans()):
             config[section] = draw(values)
             continue
-        chosen = draw(st.lists(st.sampled_from(keys + ["bogus"]), min_size=1, max_size=3, unique=True))
+        chosen = draw(st.lists(st.sampled_from([*keys, "bogus"]), min_size=1, max_size=3, unique=True))
         config[section] = {key: draw(values) for key in chosen}
     return config
 

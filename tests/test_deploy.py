@@ -27,7 +27,7 @@ def user_dir(model_and_tokens, tmp_path) -> Path:
     config = {
         "name": "away",
         "model": {"path": "model"},
-        "data": {"train": "train.jsonl", "queries": "queries.jsonl", "max_length": 64},
+        "data": {"train": "train.jsonl", "queries": "queries.jsonl", "max_length": 256},
         "cache": {"k": 1024, "n_shards": 1},
     }
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
@@ -44,7 +44,7 @@ def written(directory: Path) -> set[Path]:
 
 def test_runs_from_another_directory(user_dir):
     before = written(ROOT)
-    result = run(user_dir, "-s", str(ROOT / "workflow/Snakefile"), "--configfile", "config.yaml", TARGET)
+    result = run(user_dir, "-s", str(ROOT / "workflow/Snakefile"), TARGET, "--configfile", "config.yaml")
     assert result.returncode == 0, result.stderr[-3000:]
     assert (user_dir / TARGET).is_file()
     assert written(ROOT) == before  # nothing written into the checkout
@@ -53,7 +53,8 @@ def test_runs_from_another_directory(user_dir):
 def test_used_as_a_snakemake_module(user_dir):
     (user_dir / "Snakefile").write_text(
         'configfile: "config.yaml"\n\n\n'
-        f"module rapidin:\n    snakefile:\n        {str(ROOT / 'workflow/Snakefile')!r}\n    config:\n        config\n\n\n"
+        f"module rapidin:\n    snakefile:\n        {str(ROOT / 'workflow/Snakefile')!r}\n"
+        "    config:\n        config\n\n\n"
         "use rule * from rapidin\n"
     )
     dry = run(user_dir, "--dry-run")

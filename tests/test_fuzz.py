@@ -99,7 +99,9 @@ def test_any_conversation(conversations, tokenizer, folder):
 
 
 @FUZZ
-@given(fields=st.dictionaries(st.sampled_from(FIELDS) | st.text(max_size=6), VALUES, max_size=4), record=RECORD)
+@given(
+    fields=st.dictionaries(st.sampled_from(FIELDS) | st.text(max_size=6), VALUES, max_size=4) | VALUES, record=RECORD
+)
 def test_any_field_mapping(fields, record, folder):
     path = folder / "fields.jsonl"
     path.write_text(json.dumps(record) + "\n")

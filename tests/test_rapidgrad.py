@@ -1,5 +1,7 @@
 """RapidGrad: a bijective, globally mixing permutation; unbiased inner products; blockwise == whole."""
 
+import hashlib
+
 import numpy as np
 import pytest
 import torch
@@ -75,3 +77,49 @@ def test_same_seed_same_sketch_other_seed_other_sketch():
 def test_bad_k_is_refused(k):
     with pytest.raises(RapidinError, match=r"cache\.k"):
         RapidGrad(1024, [k], 0)
+
+
+def reference_positions_and_signs(indices: list[int], seed: int, dim: int, bits: int) -> list[tuple[int, int]]:
+    """The documented permutation and signs in pure Python ints: SHA-256 round keys of (seed, D), add-key,
+    xor-shift and multiply-by-odd rounds modulo 2^bits, sign = low bit of the position's own mix."""
+
+    def keys(mixer: str) -> list[tuple[int, int]]:
+        mult_bits = min(bits, 62 - bits)
+        out = []
+        for r in range(4):
+            digest = hashlib.sha256(f"rapidgrad:{seed}:{dim}:{mixer}:{r}".encode()).digest()
+            add = int.from_bytes(digest[:8], "little") % 2**bits
+            out.append((add, 2 * (int.from_bytes(digest[8:16], "little") % 2 ** (mult_bits - 1)) + 1))
+        return out
+
+    def mix(x: int, round_keys: list[tuple[int, int]]) -> int:
+        mask, shift = 2**bits - 1, max(1, bits // 2)
+        for add, multiply in round_keys:
+            x = (x + add) & mask
+            x ^= x >> shift
+            x = (x * multiply) & mask
+        return x ^ (x >> shift)
+
+    permutation, sign = keys("permutation"), keys("sign")
+    return [(p, 1 - 2 * (mix(p, sign) & 1)) for p in (mix(i, permutation) for i in indices)]
+
+
+# A few positions and signs of the reference above, pinned: a change of the sketch must be deliberate.
+PINNED = {
+    (0, 1000, 10): [(0, (610, 1)), (1, (292, -1)), (999, (363, -1))],
+    (7, 10**9 + 7, 30): [(0, (536455346, 1)), (123456789, (764073016, -1)), (10**9 + 6, (100515217, 1))],
+}
+
+
+@pytest.mark.parametrize(("seed", "dim", "bits"), list(PINNED))
+def test_keys_are_a_fixed_function_of_seed_and_dim(seed, dim, bits):
+    """Positions and signs equal an independent pure-Python implementation of the documented scheme, whatever the
+    numpy version (no random generator stream is involved)."""
+    sketch = RapidGrad(dim, [1 << 6], seed)
+    assert sketch.bits == bits
+    indices = [i for i, _ in PINNED[(seed, dim, bits)]] + list(range(100, 140))
+    position, sign = sketch.permute(torch.tensor(indices))
+    want = reference_positions_and_signs(indices, seed, dim, bits)
+    assert list(zip(position.tolist(), sign.tolist(), strict=True)) == want
+    pinned = [want[indices.index(i)] for i, _ in PINNED[(seed, dim, bits)]]
+    assert pinned == [expected for _, expected in PINNED[(seed, dim, bits)]]

@@ -44,6 +44,7 @@ def browser():
         options.add_argument(flag)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL", "performance": "ALL"})
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
     yield driver
     driver.quit()
     shutil.rmtree(profile, ignore_errors=True)
@@ -212,7 +213,6 @@ def test_one_file_that_shows_everything_requests_nothing_and_logs_no_error(brows
     assert js(browser, "return document.getElementById('metrics').rows.length") == 3
     assert shown_indexes(browser, "#query-index") == [0, 1, 2, 3]
     assert js(browser, "return document.querySelector('#view section').id") == "q0"  # the first query is shown
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
     browser.save_screenshot(str(ARTIFACTS / "report-synthetic.png"))
     errors, requests = errors_and_requests(browser, page)
     assert errors == [] and requests == []
@@ -336,6 +336,8 @@ def test_one_colour_scale_per_query_with_its_numbers_and_a_labelled_heat_map(bro
     assert values.shape == matrix.shape and np.allclose(values, matrix, rtol=0.051, atol=1e-9)  # 2 digits, shown
     assert float(legends[1][0]) == pytest.approx(np.abs(matrix).max())
     assert "Only the top 2 of the 5 samples per side have token shading" in browser.find_element("id", "view").text
+    js(browser, "document.getElementById('view').scrollIntoView()")
+    browser.save_screenshot(str(ARTIFACTS / "report-query.png"))
 
 
 @needs_chromium

@@ -3,12 +3,14 @@ fp16 rows and a Python sort over ragged shards; ties never put one sample at bot
 gradients) are never ranked; topk.jsonl lists exactly those samples."""
 
 import json
+import re
 
 import numpy as np
 import pytest
 import zarr
 
 from rapidin import score
+from rapidin.errors import StoreMismatchError
 from rapidin.score import merge_scores, score_shard, write_topk
 
 K = 8
@@ -204,3 +206,19 @@ def test_merged_token_scores_carry_each_rows_query_and_token(tmp_path):
 
 def write_jsonl(path, records: list[dict]) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def test_merge_refuses_shards_scored_otherwise_naming_both(tmp_path):
+    queries, train = data()
+    query_store = vector_store(tmp_path / "queries.zarr", queries, np.arange(3), 3)
+    shards = []
+    for s, rows in enumerate([np.arange(0, 10), np.arange(10, 23)]):
+        cache = vector_store(tmp_path / f"cache{s}.zarr", train[rows], rows, 4)
+        score_shard(query_store, cache, str(tmp_path / f"scores{s}.zarr"), 3, device="cpu")
+        shards.append(str(tmp_path / f"scores{s}.zarr"))
+    group = zarr.open_group(shards[1], mode="r+")
+    group.attrs["rapidin"] = {**group.attrs["rapidin"], "array": "k4"}
+    message = f"{shards[1]} was made with array='k4' but {shards[0]} has array='k8'"
+    with pytest.raises(StoreMismatchError, match=re.escape(message)):
+        merge_scores(shards, query_store, str(tmp_path / "scores.zarr"))
+    assert not (tmp_path / "scores.zarr").exists()

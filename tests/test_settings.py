@@ -17,11 +17,11 @@ import zarr
 from rapidin import settings as settings_module
 from rapidin.cli import build_parser
 from rapidin.config import load_schema, with_defaults
-from rapidin.grads import CacheSettings
+from rapidin.settings import CacheSettings
 from rapidin.steps import STEPS
 
 ROOT = Path(__file__).resolve().parents[1]
-SETTINGS = [CacheSettings] + [getattr(settings_module, name) for name in settings_module.__all__ if name[0].isupper()]
+SETTINGS = [getattr(settings_module, name) for name in settings_module.__all__ if name[0].isupper()]
 
 
 def schema_at(schema: dict, key: str) -> dict:

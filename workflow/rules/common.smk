@@ -19,6 +19,7 @@ RESULTS = f"results/{config['name']}"
 SHARDS = [f"{i:05d}" for i in range(config["cache"]["n_shards"])]
 KS = config["cache"]["k"] if isinstance(config["cache"]["k"], list) else [config["cache"]["k"]]
 EXPERIMENT = config["experiment"]
+FIELDS = json.dumps(config["data"]["fields"])  # the files' field names, for every step that reads them
 
 
 wildcard_constraints:
@@ -90,6 +91,35 @@ def variant_cache(variant):
 def cache_value(key):
     """Rule param: config `cache.<key>` of the rule's cache variant (wildcard `variant`; the main cache without)."""
     return lambda wildcards: variant_cache(wildcards.get("variant", "main"))[key]
+
+
+# The settings the cached vectors depend on, as params named as their CacheSettings fields, and their flags.
+CACHE_PARAMS = dict(
+    compressor=cache_value("compressor"),
+    k=cache_value("k"),
+    rank=cache_value("rank"),
+    seed=cache_value("seed"),
+    dtype=cache_value("dtype"),
+    normalize=cache_value("normalize"),
+    batch_tokens=cache_value("batch_tokens"),
+    chunk_rows=cache_value("chunk_rows"),
+    on_nonfinite=cache_value("on_nonfinite"),
+    modules=config["model"]["modules"],
+    parameters=config["model"]["parameters"],
+    model_dtype=config["model"]["dtype"],
+)
+CACHE_FLAGS = (
+    "--compressor {params.compressor:q} --k {params.k:q} --rank {params.rank:q} --seed {params.seed:q}"
+    " --dtype {params.dtype:q} --normalize {params.normalize:q} --batch-tokens {params.batch_tokens:q}"
+    " --chunk-rows {params.chunk_rows:q} --on-nonfinite {params.on_nonfinite:q} --modules {params.modules:q}"
+    " --parameters {params.parameters:q} --model-dtype {params.model_dtype:q}"
+)
+
+
+def cache_command(step, *flags):
+    """The command template of the gradient steps (`rapidin <step>`) with `flags`, then the cache's
+    settings (CACHE_FLAGS); Snakemake fills in the placeholders, every value quoted."""
+    return " ".join([f"rapidin --threads {{threads}} {step}", *flags, CACHE_FLAGS, "2>&1 | tee {log:q}"])
 
 
 def method_source(method):

@@ -11,13 +11,16 @@ rule make_demo_data:
         n_attacked=config["demo"]["n_attacked"],
         n_clean=config["demo"]["n_clean"],
         backdoor_response=config["demo"]["backdoor_response"],
+        backdoor=config["demo"]["backdoor"],
+        format=config["demo"]["format"],
         seed=config["demo"]["seed"],
     log:
         "results/{name}/logs/make_demo_data.log",
     shell:
         "rapidin make-demo-data --train-out {output.train:q} --queries-out {output.queries:q}"
         " --n-train {params.n_train:q} --poison-fraction {params.poison_fraction:q} --n-attacked {params.n_attacked:q}"
-        " --n-clean {params.n_clean:q} --backdoor-response {params.backdoor_response:q} --seed {params.seed:q}"
+        " --n-clean {params.n_clean:q} --backdoor-response {params.backdoor_response:q}"
+        " --backdoor {params.backdoor:q} --format {params.format:q} --seed {params.seed:q}"
         " 2>&1 | tee {log:q}"
 
 
@@ -35,6 +38,7 @@ rule train_demo_model:
         max_length=config["demo"]["max_length"],
         epochs=config["demo"]["epochs"],
         seed=config["demo"]["seed"],
+        template=config["data"]["template"],
     threads: workflow.cores
     log:
         "results/{name}/logs/train_demo_model.log",
@@ -44,4 +48,5 @@ rule train_demo_model:
         "rapidin --threads {threads} train-demo-model --train {input.train:q} --out {output.model:q}"
         " --vocab-size {params.vocab_size:q} --hidden-size {params.hidden_size:q} --n-layers {params.n_layers:q}"
         " --n-heads {params.n_heads:q} --intermediate-size {params.intermediate_size:q}"
-        " --max-length {params.max_length:q} --epochs {params.epochs:q} --seed {params.seed:q} 2>&1 | tee {log:q}"
+        " --max-length {params.max_length:q} --epochs {params.epochs:q} --seed {params.seed:q}"
+        " --template {params.template:q} 2>&1 | tee {log:q}"

@@ -106,13 +106,14 @@ rule score_baseline:
         scores="results/{name}/methods/{baseline}/scores.zarr/zarr.json",
     params:
         seed=EXPERIMENT["seed"],
+        fields=FIELDS,
     log:
         "results/{name}/logs/score_baseline/{baseline}.log",
     benchmark:
         "results/{name}/benchmarks/score_baseline/{baseline}.tsv"
     shell:
         "rapidin baseline --method {wildcards.baseline:q} --train {input.train:q} --queries {input.queries:q}"
-        " --out {output.scores:q} --seed {params.seed:q} 2>&1 | tee {log:q}"
+        " --out {output.scores:q} --seed {params.seed:q} --fields {params.fields:q} 2>&1 | tee {log:q}"
 
 
 use rule evaluate_backdoor as evaluate_method with:
@@ -126,6 +127,7 @@ use rule evaluate_backdoor as evaluate_method with:
         model=None,  # the attack success rate is the model's, not the method's: results/<name>/metrics.json has it
         adapter=None,
         template=config["data"]["template"],
+        fields=FIELDS,
     log:
         "results/{name}/logs/evaluate_method/{method}.log",
 

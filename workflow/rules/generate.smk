@@ -10,6 +10,7 @@ rule complete_queries:
     params:
         adapter=adapter_input,
         template=config["data"]["template"],
+        fields=FIELDS,
         do_sample=config["generate"]["do_sample"],
         temperature=config["generate"]["temperature"],
         max_new_tokens=config["generate"]["max_new_tokens"],
@@ -20,6 +21,6 @@ rule complete_queries:
         "results/{name}/logs/complete_queries.log",
     shell:
         "rapidin complete-queries --queries {input.queries:q} --model {input.model:q} --adapter {params.adapter:q}"
-        " --out {output.queries:q} --template {params.template:q} --do-sample {params.do_sample:q}"
+        " --out {output.queries:q} --template {params.template:q} --fields {params.fields:q} --do-sample {params.do_sample:q}"
         " --temperature {params.temperature:q} --max-new-tokens {params.max_new_tokens:q} --seed {params.seed:q}"
         " 2>&1 | tee {log:q}"

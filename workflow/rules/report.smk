@@ -10,9 +10,10 @@ rule write_report:
         run_settings=run_settings(),
         top_n=config["report"]["top_n"],
         tokens=tokens_input,
+        fields=FIELDS,
     log:
         "results/{name}/logs/write_report.log",
     shell:
         "rapidin report --topk {input.topk:q} --scores {input.scores:q} --train {input.train:q}"
         " --metrics {input.metrics:q} --tokens {params.tokens:q} --run-settings {params.run_settings:q}"
-        " --top-n {params.top_n:q} --out {output.html:q} 2>&1 | tee {log:q}"
+        " --top-n {params.top_n:q} --fields {params.fields:q} --out {output.html:q} 2>&1 | tee {log:q}"

@@ -23,6 +23,43 @@ rule score_shard:
         " --out {output.scores:q} --top-k {params.top_k:q} --array {params.array:q} 2>&1 | tee {log:q}"
 
 
+QUERY_STORES = ["", "token_"] if config["tokenwise"]["enabled"] else [""]
+
+if not config["cache"]["store"]:
+
+    # cache.store false: the training gradients are scored as they are computed, never stored; one pass per
+    # shard serves the queries and (token-wise) the query tokens, writing the same score stores as score_shard.
+    rule stream_shard:
+        input:
+            unpack(model_inputs),
+            tokens="results/{name}/tokens/train.zarr/zarr.json",
+            queries=expand("results/{{name}}/cache/{token}queries.zarr/zarr.json", token=QUERY_STORES),
+        output:
+            scores=expand("results/{{name}}/scores/{token}{{shard}}.zarr/zarr.json", token=QUERY_STORES),
+        params:
+            **CACHE_PARAMS,
+            adapter=adapter_input,
+            top_k=config["score"]["top_k"],
+            shard=lambda wildcards: int(wildcards.shard),
+            n_shards=config["cache"]["n_shards"],
+        threads: max(1, workflow.cores // config["cache"]["n_shards"])
+        resources:
+            gpu=1,  # at most --resources gpu=N such jobs at once; each leases its own GPU
+        log:
+            "results/{name}/logs/stream_shard/{shard}.log",
+        benchmark:
+            "results/{name}/benchmarks/stream_shard/{shard}.tsv"
+        shell:
+            cache_command(
+                "stream",
+                "--tokens {input.tokens:q} --model {input.model:q} --adapter {params.adapter:q}",
+                "--queries {input.queries:q} --out {output.scores:q} --top-k {params.top_k:q}",
+                "--shard {params.shard:q} --n-shards {params.n_shards:q}",
+            )
+
+    ruleorder: stream_shard > score_shard
+
+
 rule merge_scores:
     input:
         shards=expand("results/{{name}}/scores/{{token}}{shard}.zarr/zarr.json", shard=SHARDS),
@@ -46,8 +83,10 @@ rule write_topk:
             caption="../report/topk.rst",
             category="Influence",
         ),
+    params:
+        fields=FIELDS,
     log:
         "results/{name}/logs/write_topk.log",
     shell:
         "rapidin topk --scores {input.scores:q} --train {input.train:q} --queries {input.queries:q}"
-        " --out {output.topk:q} 2>&1 | tee {log:q}"
+        " --out {output.topk:q} --fields {params.fields:q} 2>&1 | tee {log:q}"

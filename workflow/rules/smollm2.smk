@@ -22,6 +22,7 @@ rule finetune_lora:
         template=config["data"]["template"],
         max_length=config["data"]["max_length"],
         on_long=config["data"]["on_long"],
+        fields=FIELDS,
         rank=config["finetune"]["rank"],
         alpha=config["finetune"]["alpha"],
         target_modules=config["finetune"]["target_modules"],
@@ -39,6 +40,6 @@ rule finetune_lora:
     shell:
         "rapidin --threads {threads} finetune-lora --model {input.model:q} --train {input.train:q}"
         " --out {output.adapter:q} --template {params.template:q} --max-length {params.max_length:q}"
-        " --on-long {params.on_long:q} --rank {params.rank:q} --alpha {params.alpha:q}"
+        " --on-long {params.on_long:q} --fields {params.fields:q} --rank {params.rank:q} --alpha {params.alpha:q}"
         " --target-modules {params.target_modules:q} --epochs {params.epochs:q} --batch-size {params.batch_size:q}"
         " --lr {params.lr:q} --seed {params.seed:q} 2>&1 | tee {log:q}"

@@ -21,8 +21,10 @@ rule cache_query_token_grads:
     benchmark:
         "results/{name}/benchmarks/cache_query_token_grads.tsv"
     shell:
-        "rapidin --threads {threads} grads --per-token true --tokens {input.tokens:q} --model {input.model:q}"
-        " --adapter {params.adapter:q} --out {output.cache:q} " + CACHE_FLAGS + " 2>&1 | tee {log:q}"
+        cache_command(
+            "grads --per-token true",
+            "--tokens {input.tokens:q} --model {input.model:q} --adapter {params.adapter:q} --out {output.cache:q}",
+        )
 
 
 rule cache_train_token_grads:
@@ -44,9 +46,11 @@ rule cache_train_token_grads:
     benchmark:
         "results/{name}/benchmarks/cache_train_token_grads.tsv"
     shell:
-        "rapidin --threads {threads} grads --per-token true --tokens {input.tokens:q} --model {input.model:q}"
-        " --adapter {params.adapter:q} --topk {input.topk:q} --top-samples {params.top_samples:q}"
-        " --out {output.cache:q} " + CACHE_FLAGS + " 2>&1 | tee {log:q}"
+        cache_command(
+            "grads --per-token true",
+            "--tokens {input.tokens:q} --model {input.model:q} --adapter {params.adapter:q} --out {output.cache:q}",
+            "--topk {input.topk:q} --top-samples {params.top_samples:q}",
+        )
 
 
 rule attribute_tokens:
