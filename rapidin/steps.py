@@ -114,6 +114,57 @@ def tokenize(data: str, model: str, out: Store, queries: bool = False, settings:
     tokenize_file(data, tokenizer, out, tokenizer_fingerprint=fingerprint, queries=queries, **asdict(settings))
 
 
+def plan(
+    train_tokens: Store,
+    query_tokens: Store,
+    model: str,
+    out: str,
+    adapter: str | None = None,
+    cache: CacheSettings = CacheSettings(),
+    n_shards: int = 1,
+    store: bool = True,
+    tokenwise: bool = True,
+) -> None:
+    """the run's size plan (N, D, K, bytes per sample, cache and score bytes, free disk), refused if it won't fit
+
+    Args:
+        train_tokens: the training token store
+        query_tokens: the query token store
+        model: the model directory
+        out: the plan to write (JSON), beside the run's outputs (results/<name>/)
+        adapter: a PEFT adapter directory
+        n_shards: the number of shards (cache.n_shards)
+        store: keep the training vectors (cache.store)
+        tokenwise: the query tokens are scored too (tokenwise.enabled)
+    """
+    from pathlib import Path
+
+    from rapidin.data import TokenizedDataset
+    from rapidin.plan import gradient_layout
+    from rapidin.plan import plan as size_plan
+    from rapidin.store import atomic_file
+
+    queries = TokenizedDataset.open(query_tokens)
+    token_rows = sum(int(queries.loss_mask_of(i).sum()) for i in range(len(queries))) if tokenwise else 0
+    D, arrays = gradient_layout(model, adapter, cache)
+    planned = size_plan(
+        len(TokenizedDataset.open(train_tokens)),
+        len(queries),
+        D,
+        arrays,
+        cache,
+        n_shards,
+        store,
+        Path(out).parent,
+        n_token_rows=token_rows,
+    )
+    for line in planned.lines():
+        log.info(line)
+    planned.check()
+    with atomic_file(out) as handle:
+        json.dump(asdict(planned), handle, indent=1)
+
+
 def grads(
     tokens: Store,
     model: str,
@@ -446,6 +497,7 @@ STEPS = [
     convert_gguf,
     finetune_lora,
     tokenize,
+    plan,
     grads,
     score,
     stream,

@@ -49,3 +49,15 @@ def test_scores_carry_the_ids_of_their_rows_and_columns(tiny_run):
     cache = xr.open_zarr(tiny_run / "cache/train/00001.zarr", consolidated=False)
     assert cache["k4096"].dims == ("row", "k4096_component")
     np.testing.assert_array_equal(cache["ids"].values, np.arange(n_train // 2, n_train))
+
+
+def test_the_size_plan_matches_what_was_written(tiny_run):
+    """results/<name>/plan.json, written before any heavy job, against the stores written afterwards."""
+    plan = json.loads((tiny_run / "plan.json").read_text())
+    cache = [xr.open_zarr(tiny_run / f"cache/train/0000{s}.zarr", consolidated=False) for s in (0, 1)]
+    assert plan["n_samples"] == sum(c.sizes["row"] for c in cache)
+    assert plan["D"] == cache[0].attrs["rapidin"]["D"]
+    assert plan["bytes_per_sample"] == sum(
+        c[a].shape[1] * c[a].dtype.itemsize for c in cache[:1] for a in ("k1024", "k4096")
+    )
+    assert plan["cache_bytes"] == sum(c[a].nbytes for c in cache for a in ("k1024", "k4096"))

@@ -2,10 +2,35 @@
 # depend on is a param named as its CacheSettings field (rapidin/settings.py), passed to the flag of that name
 # (CACHE_PARAMS, CACHE_FLAGS and cache_command in common.smk).
 
+rule plan_run:
+    input:
+        unpack(model_inputs),
+        train_tokens="results/{name}/tokens/train.zarr/zarr.json",
+        query_tokens="results/{name}/tokens/queries.zarr/zarr.json",
+    output:
+        plan="results/{name}/plan.json",
+    params:
+        **CACHE_PARAMS,
+        adapter=adapter_input,
+        n_shards=config["cache"]["n_shards"],
+        store=config["cache"]["store"],
+        tokenwise=config["tokenwise"]["enabled"],
+    log:
+        "results/{name}/logs/plan_run.log",
+    shell:
+        cache_command(
+            "plan",
+            "--train-tokens {input.train_tokens:q} --query-tokens {input.query_tokens:q} --model {input.model:q}",
+            "--adapter {params.adapter:q} --out {output.plan:q} --n-shards {params.n_shards:q}",
+            "--store {params.store:q} --tokenwise {params.tokenwise:q}",
+        )
+
+
 rule cache_train_grads:
     input:
         unpack(model_inputs),
         tokens="results/{name}/tokens/train.zarr/zarr.json",
+        plan="results/{name}/plan.json",  # the sizes, checked against the free disk before any heavy job
     output:
         cache="results/{name}/cache/train/{shard}.zarr/zarr.json",
     params:

@@ -32,6 +32,7 @@ wildcard_constraints:
 # Small steps run where snakemake runs, never as cluster jobs.
 localrules:
     make_demo_data,
+    plan_run,
     tokenize_dataset,
     merge_scores,
     write_topk,
