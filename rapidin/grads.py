@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import shutil
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,6 +118,7 @@ def cache_gradients(
     job = open_shard(tokens, model_path, settings, adapter, shard, n_shards, device, model_dtype, per_token, samples)
     chunks = job.chunks(settings.dtype, chunk_rows)
     ids, chunk_rows, dtype = np.arange(job.start, job.stop), len(chunks[0]), STORE_DTYPES[settings.dtype]
+    check_room(out, len(ids) * sum(job.compressor.arrays.values()) * np.dtype(dtype).itemsize)
 
     def create(group: zarr.Group) -> None:
         for name, dim in job.compressor.arrays.items():
@@ -265,6 +267,19 @@ def open_shard(
     return ShardJob(
         dataset, model, modules, compressor, tokenizer.pad_token_id, stamp, start, stop, settings.on_nonfinite
     )
+
+
+def check_room(out: str, n_bytes: int) -> None:
+    """Refuse, before computing anything, a cache that would not fit the free disk where it goes."""
+    where = Path(out).resolve().parent
+    while not where.exists():
+        where = where.parent
+    free = shutil.disk_usage(where).free
+    if n_bytes > free:
+        raise RapidinError(
+            f"cache.store: {out} needs {n_bytes / 2**30:.2f} GiB but {where} has {free / 2**30:.2f} GiB free;"
+            " lower cache.k (or cache.rank), keep cache.dtype float16, or set cache.store: false"
+        )
 
 
 def tokens_fingerprint(dataset, rows) -> str:

@@ -87,7 +87,7 @@ def test_tiny_run_on_slurm_matches_the_local_run(slurm, tiny_run, tmp_path):
     workdir = copy_run(tiny_run.parents[1], tmp_path / "run")
     run = ["--workflow-profile", str(cluster_profile(workdir)), "--configfile", "config/tiny.yaml"]
     rerun = ["--forcerun", "cache_train_grads", "cache_query_grads"]  # the local run's data, model and tokens stay
-    targets = ["results/tiny/influence/scores.zarr", "results/tiny/influence/topk.jsonl"]
+    targets = ["results/tiny/influence/scores.zarr/zarr.json", "results/tiny/influence/topk.jsonl"]
     command = ["timeout", "-k", "10", "400", *SNAKEMAKE, *targets, *run, *rerun]
     result = subprocess.run(command, cwd=workdir, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]

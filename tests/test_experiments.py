@@ -112,7 +112,7 @@ def test_rapidin_scores_err_from_exact_tracin_ln_as_the_sketch_variance_predicts
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("experiment={study: backdoor, methods: [bm26]}", "experiment.methods.0"),
+        ("experiment={study: backdoor, methods: [bm26]}", "experiment.methods: unknown method 'bm26'"),
         ("experiment={study: backdoor, methods: [rapidin_k1000]}", "experiment.methods: rapidin_k1000 needs"),
         ("experiment={methods: [random]}", "experiment.study"),
         ("experiment={study: compression, methods: [random]}", "experiment.reference"),

@@ -86,8 +86,9 @@ def test_each_step_has_one_flag_per_parameter_and_settings_field_with_help(func)
 def test_cache_k_keeps_one_name_from_config_to_the_stored_attributes(tiny_run):
     """cache.k → schema → rule param k → flag --k → CacheSettings.k → attrs["rapidin"]["k"]."""
     assert "k" in schema_at(load_schema(), "cache")["properties"]
-    rule = (ROOT / "workflow/rules/cache.smk").read_text()
-    assert re.search(r'^\s+k=cache_value\("k"\),$', rule, re.M) and "--k {params.k:q}" in rule
+    rules = (ROOT / "workflow/rules/common.smk").read_text()  # CACHE_PARAMS and CACHE_FLAGS of every gradient rule
+    assert re.search(r'^\s+k=cache_value\("k"\),$', rules, re.M) and "--k {params.k:q}" in rules
+    assert "**CACHE_PARAMS" in (ROOT / "workflow/rules/cache.smk").read_text()
     args = step_parser("grads").parse_args(["--tokens", "t", "--model", "m", "--out", "o", "--k", "1024", "4096"])
     assert args.k == (1024, 4096) and CacheSettings(k=args.k).k == (1024, 4096)
     tiny_k = yaml.safe_load((ROOT / "config/tiny.yaml").read_text())["cache"]["k"]

@@ -30,7 +30,6 @@ rule cache_train_grads:
     input:
         unpack(model_inputs),
         tokens="results/{name}/tokens/train.zarr/zarr.json",
-        plan="results/{name}/plan.json",  # the sizes, checked against the free disk before any heavy job
     output:
         cache="results/{name}/cache/train/{shard}.zarr/zarr.json",
     params:

@@ -253,6 +253,7 @@ def run_settings():
 
 def final_outputs():
     outputs = [
+        f"{RESULTS}/plan.json",
         f"{RESULTS}/queries.jsonl",
         f"{RESULTS}/influence/scores.zarr/zarr.json",
         f"{RESULTS}/influence/topk.jsonl",

@@ -33,7 +33,6 @@ if not config["cache"]["store"]:
         input:
             unpack(model_inputs),
             tokens="results/{name}/tokens/train.zarr/zarr.json",
-            plan="results/{name}/plan.json",  # the sizes, checked against the free disk before any heavy job
             queries=expand("results/{{name}}/cache/{token}queries.zarr/zarr.json", token=QUERY_STORES),
         output:
             scores=expand("results/{{name}}/scores/{token}{{shard}}.zarr/zarr.json", token=QUERY_STORES),
