@@ -24,7 +24,7 @@ from pathlib import Path
 
 from rapidin import __version__
 from rapidin.errors import RapidinError
-from rapidin.steps import Store
+from rapidin.steps import STEPS, Store
 
 NONE = "None"
 
@@ -115,8 +115,6 @@ def _add_step(steps, func) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from rapidin.steps import STEPS
-
     parser = argparse.ArgumentParser(prog="rapidin", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"rapidin {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")

@@ -109,7 +109,8 @@ def validate_config(config: dict) -> None:
 def _check_values(config: dict) -> None:
     """Checks JSON Schema cannot express."""
     cache, model, experiment = config["cache"], config["model"], config["experiment"]
-    for k in cache["k"] if isinstance(cache["k"], list) else [cache["k"]]:
+    ks = cache["k"] if isinstance(cache["k"], list) else [cache["k"]]
+    for k in ks:
         if k & (k - 1):
             raise RapidinError(f"cache.k: {k} is not a power of two")
     if model["path"] == "demo" and model["adapter"]:
@@ -122,7 +123,6 @@ def _check_values(config: dict) -> None:
         raise RapidinError(f"experiment.methods: study {experiment['study']} needs at least one method")
     if experiment["study"] == "compression" and experiment["reference"] not in experiment["methods"]:
         raise RapidinError(f"experiment.reference: {experiment['reference']} is not among experiment.methods")
-    ks = cache["k"] if isinstance(cache["k"], list) else [cache["k"]]
     for method in experiment["methods"]:
         parsed = parse_method(method)
         if parsed.k is not None and (parsed.k not in ks or cache["compressor"] != "rapidgrad"):
