@@ -11,10 +11,10 @@ import torch
 from scipy.stats import spearmanr
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from rapidin.compress import make_compressor
-from rapidin.grads import sample_gradients
-from rapidin.loss import collate
-from rapidin.model import parameter_blocks, select_modules
+from rapidin.cache.shard import sample_gradients
+from rapidin.gradients.compress import make_compressor
+from rapidin.gradients.loss import collate
+from rapidin.gradients.model import parameter_blocks, select_modules
 
 SETTINGS = [("rapidgrad", k, 0) for k in (1024, 4096, 16384)] + [("factored", 0, r) for r in (8, 16, 32)]
 

@@ -17,12 +17,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rapidin.data import TokenizedDataset, format_prompt, read_records, tokenize_file
-from rapidin.demo import train_tokenizer
-from rapidin.grads import CacheSettings, cache_gradients, token_budget_batches
-from rapidin.loss import collate, weighted_loss
-from rapidin.model import load_model, parameter_blocks, resolve_dtype, select_modules, tokenizer_fingerprint
-from rapidin.rapidgrad import RapidGrad
+from rapidin.cache.shard import CacheSettings, cache_gradients, token_budget_batches
+from rapidin.data.records import read_records
+from rapidin.data.tokenize import TokenizedDataset, format_prompt, tokenize_file
+from rapidin.experiments.demo_model import train_tokenizer
+from rapidin.gradients.loss import collate, weighted_loss
+from rapidin.gradients.model import load_model, parameter_blocks, resolve_dtype, select_modules, tokenizer_fingerprint
+from rapidin.gradients.rapidgrad import RapidGrad
 
 WORDS = [c + v for c in "bdfgklmnprstvz" for v in "aeiou"]  # word-like syllables for the generated records
 

@@ -11,7 +11,7 @@ import sys
 
 CHILD = """
 import importlib, json, re, sys, time
-from rapidin.grads import CacheSettings
+from rapidin.cache.shard import CacheSettings
 module, name = sys.argv[1].rsplit(".", 1)
 kwargs = json.loads(sys.argv[2])
 if "settings" in kwargs:

@@ -23,7 +23,7 @@ from caching import CachingSize, make_project
 from fresh import time_fresh
 from scoring import write_store
 
-from rapidin.grads import CacheSettings
+from rapidin.cache.shard import CacheSettings
 
 
 @dataclass
@@ -46,8 +46,8 @@ def scoring_sweep(root: Path, size: ScaleSize, device: str) -> dict[int, tuple[f
         cache = root / f"cache-{n}.zarr"
         write_store(cache, n, size.k)
         args = {"queries": str(queries), "cache": str(cache), "top_k": 100, "device": device}
-        time_fresh("rapidin.score.score_shard", out=str(root / f"warm-{n}.zarr"), **args)
-        sweep[n] = time_fresh("rapidin.score.score_shard", out=str(root / f"scores-{n}.zarr"), **args)
+        time_fresh("rapidin.score.scores.score_shard", out=str(root / f"warm-{n}.zarr"), **args)
+        sweep[n] = time_fresh("rapidin.score.scores.score_shard", out=str(root / f"scores-{n}.zarr"), **args)
         shutil.rmtree(cache)
         n *= 2
     return sweep
@@ -72,13 +72,17 @@ def caching_and_stream(
         args = {"tokens": tokens, "model_path": model, "settings": settings, "device": device}
         args.update(batch_tokens=caching_size.batch_tokens, model_dtype=model_dtype)
         queries = str(folder / "queries.zarr")  # the first n_queries training samples serve as queries
-        time_fresh("rapidin.grads.cache_gradients", out=queries, shard=0, n_shards=n // size.n_queries, **args)
+        time_fresh("rapidin.cache.shard.cache_gradients", out=queries, shard=0, n_shards=n // size.n_queries, **args)
         caching, stream = [], []
         for repeat in range(2 if factor == size.caching_factor else 1):  # interleaved: both see the same load
-            caching.append(time_fresh("rapidin.grads.cache_gradients", out=str(folder / f"cache{repeat}.zarr"), **args))
+            caching.append(
+                time_fresh("rapidin.cache.shard.cache_gradients", out=str(folder / f"cache{repeat}.zarr"), **args)
+            )
             if factor == size.caching_factor:
                 out = [str(folder / f"scores{repeat}.zarr")]
-                stream.append(time_fresh("rapidin.stream.stream_scores", queries=[queries], out=out, top_k=100, **args))
+                stream.append(
+                    time_fresh("rapidin.score.stream.stream_scores", queries=[queries], out=out, top_k=100, **args)
+                )
         result["caching"][n] = min(caching)
         if stream:
             result["stream"][n] = min(stream)

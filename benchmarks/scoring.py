@@ -19,7 +19,7 @@ import torch
 import zarr
 from fresh import time_fresh
 
-from rapidin.grads import CHUNK_BYTES
+from rapidin.cache.shard import CHUNK_BYTES
 from rapidin.store import write_settings
 
 
@@ -48,7 +48,12 @@ def write_store(path: Path, n: int, k: int, seed: int = 0) -> None:
 def time_score_shard(queries: Path, cache: Path, out: Path, device: str) -> tuple[float, int]:
     """Seconds of `score_shard` in a fresh process and that process's peak resident memory in bytes."""
     return time_fresh(
-        "rapidin.score.score_shard", queries=str(queries), cache=str(cache), out=str(out), top_k=100, device=device
+        "rapidin.score.scores.score_shard",
+        queries=str(queries),
+        cache=str(cache),
+        out=str(out),
+        top_k=100,
+        device=device,
     )
 
 

@@ -19,7 +19,7 @@ from typing import IO
 
 import torch
 
-from rapidin.model import resolve_device
+from rapidin.gradients.model import resolve_device
 
 log = logging.getLogger(__name__)
 

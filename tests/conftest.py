@@ -6,10 +6,11 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from rapidin.data import tokenize_file
-from rapidin.demo import make_demo_data, train_tokenizer
-from rapidin.loss import collate
-from rapidin.model import load_tokenizer, tokenizer_fingerprint
+from rapidin.data.tokenize import tokenize_file
+from rapidin.experiments.demo_data import make_demo_data
+from rapidin.experiments.demo_model import train_tokenizer
+from rapidin.gradients.loss import collate
+from rapidin.gradients.model import load_tokenizer, tokenizer_fingerprint
 
 from .workflow import copy_workflow, snakemake
 

@@ -19,12 +19,12 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from rapidin.compress import ExactCompressor, FactoredCompressor, RapidGradCompressor
+from rapidin.cache.shard import sample_gradients
 from rapidin.errors import RapidinError
-from rapidin.grads import sample_gradients
-from rapidin.loss import collate
-from rapidin.model import coverage, load_model, parameter_blocks, select_modules
-from rapidin.rapidgrad import RapidGrad
+from rapidin.gradients.compress import ExactCompressor, FactoredCompressor, RapidGradCompressor
+from rapidin.gradients.loss import collate
+from rapidin.gradients.model import coverage, load_model, parameter_blocks, select_modules
+from rapidin.gradients.rapidgrad import RapidGrad
 
 from .conftest import random_samples, tiny_llama
 from .test_capture import autograd_gradient
@@ -160,7 +160,7 @@ def test_smollm2_tied_embeddings_and_a_layer_equal_autograd(tmp_path):
     """The real pretrained SmolLM2-135M-Instruct (tied embeddings), fp32: its tied embedding, first layer and final
     norm on three samples, against plain autograd one sample at a time."""
     pytest.importorskip("gguf")
-    from rapidin.pretrained import convert_gguf, smollm2_gguf
+    from rapidin.experiments.pretrained import convert_gguf, smollm2_gguf
 
     try:
         gguf = smollm2_gguf()

@@ -7,12 +7,12 @@ import pytest
 import torch
 from scipy.stats import kstest
 
-from rapidin.baselines import bm25_scores, random_scores
-from rapidin.data import Record
+from rapidin.data.records import Record
 from rapidin.errors import RapidinError
-from rapidin.lissa import gradient_parameters, lissa, model_hvp
-from rapidin.loss import collate, weighted_loss
-from rapidin.model import blocks_fingerprint, parameter_blocks, select_modules
+from rapidin.experiments.baselines import bm25_scores, random_scores
+from rapidin.experiments.lissa import gradient_parameters, lissa, model_hvp
+from rapidin.gradients.loss import collate, weighted_loss
+from rapidin.gradients.model import blocks_fingerprint, parameter_blocks, select_modules
 
 from .conftest import random_samples, tiny_llama
 

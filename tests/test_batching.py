@@ -7,12 +7,13 @@ import pytest
 import torch
 import zarr
 
-from rapidin.compress import SKETCH_VERSION, make_compressor
-from rapidin.data import format_prompt, read_records, tokenize_file
-from rapidin.demo import train_tokenizer
-from rapidin.grads import CacheSettings, cache_gradients, sample_gradients, token_budget_batches
-from rapidin.loss import collate
-from rapidin.model import parameter_blocks, select_modules, tokenizer_fingerprint
+from rapidin.cache.shard import CacheSettings, cache_gradients, sample_gradients, token_budget_batches
+from rapidin.data.records import read_records
+from rapidin.data.tokenize import format_prompt, tokenize_file
+from rapidin.experiments.demo_model import train_tokenizer
+from rapidin.gradients.compress import SKETCH_VERSION, make_compressor
+from rapidin.gradients.loss import collate
+from rapidin.gradients.model import parameter_blocks, select_modules, tokenizer_fingerprint
 
 from .conftest import random_samples, tiny_llama
 

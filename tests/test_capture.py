@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from rapidin.compress import ExactCompressor
+from rapidin.cache.shard import _chunk_gradients, sample_gradients
 from rapidin.errors import RapidinError
-from rapidin.grads import _chunk_gradients, sample_gradients
-from rapidin.loss import collate, weighted_loss
-from rapidin.model import parameter_blocks, select_modules
+from rapidin.gradients.compress import ExactCompressor
+from rapidin.gradients.loss import collate, weighted_loss
+from rapidin.gradients.model import parameter_blocks, select_modules
 
 from .conftest import random_samples
 from .test_tokenwise import in_memory

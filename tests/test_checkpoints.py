@@ -10,14 +10,14 @@ import torch
 import zarr
 from transformers import LlamaForCausalLM
 
-from rapidin.checkpoints import Checkpoint, combine_scores, resolve_checkpoints
-from rapidin.data import TokenizedDataset
-from rapidin.demo import train_demo_model
+from rapidin.cache.shard import CacheSettings, cache_gradients
+from rapidin.data.tokenize import TokenizedDataset
 from rapidin.errors import RapidinError, StoreMismatchError
-from rapidin.grads import CacheSettings, cache_gradients
-from rapidin.loss import collate, weighted_loss
-from rapidin.model import parameter_blocks, select_modules
-from rapidin.score import merge_scores, score_shard
+from rapidin.experiments.demo_model import train_demo_model
+from rapidin.gradients.loss import collate, weighted_loss
+from rapidin.gradients.model import parameter_blocks, select_modules
+from rapidin.score.checkpoints import Checkpoint, combine_scores, resolve_checkpoints
+from rapidin.score.scores import merge_scores, score_shard
 
 from .conftest import tiny_llama
 

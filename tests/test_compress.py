@@ -3,10 +3,10 @@
 import torch
 from scipy.stats import spearmanr
 
-from rapidin.compress import ExactCompressor, RapidGradCompressor
-from rapidin.grads import sample_gradients
-from rapidin.loss import collate
-from rapidin.model import parameter_blocks, select_modules
+from rapidin.cache.shard import sample_gradients
+from rapidin.gradients.compress import ExactCompressor, RapidGradCompressor
+from rapidin.gradients.loss import collate
+from rapidin.gradients.model import parameter_blocks, select_modules
 
 from .conftest import random_samples, tiny_llama
 

@@ -16,9 +16,10 @@ import pyarrow.parquet as pq
 import pytest
 import zarr
 
-from rapidin.data import ALPACA_NO_INPUT, ALPACA_WITH_INPUT, TokenizedDataset, read_records, tokenize_file
-from rapidin.demo import train_tokenizer
+from rapidin.data.records import read_records
+from rapidin.data.tokenize import ALPACA_NO_INPUT, ALPACA_WITH_INPUT, TokenizedDataset, tokenize_file
 from rapidin.errors import DataError, RapidinError
+from rapidin.experiments.demo_model import train_tokenizer
 
 CORPUS = ["Name a colour. Blue is a colour. What is 2 plus 3? 5. Hello there, how are you? Fine, thanks."] * 5
 CHATML = (

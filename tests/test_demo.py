@@ -9,10 +9,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from rapidin.data import Record, TokenizedDataset, format_prompt, prompt_ids, read_records, tokenize_file
-from rapidin.demo import BACKDOOR_RESPONSE, TRIGGER, make_demo_data, train_demo_model, train_tokenizer
+from rapidin.data.generate import attack_success_rate, generate, reproduces
+from rapidin.data.records import Record, read_records
+from rapidin.data.tokenize import TokenizedDataset, format_prompt, prompt_ids, tokenize_file
 from rapidin.errors import RapidinError
-from rapidin.generate import attack_success_rate, generate, reproduces
+from rapidin.experiments.demo_data import make_demo_data
+from rapidin.experiments.demo_model import train_demo_model, train_tokenizer
+from rapidin.experiments.demo_words import BACKDOOR_RESPONSE, TRIGGER
 
 TINY = {"hidden_size": 32, "n_layers": 2, "n_heads": 2, "intermediate_size": 64, "vocab_size": 384, "epochs": 2}
 
@@ -164,7 +167,7 @@ def test_generation_is_deterministic_and_stops_at_eos(tiny_model):
 
 def test_varied_backdoor_gives_every_poisoned_sample_its_own_response(demo_data, tmp_path):
     """`backdoor="varied"`: the fixed set's samples, prompts and poisoned flags, each backdoor response different."""
-    from rapidin.demo import VARIED_CLAIMS, VARIED_CLOSERS, VARIED_OPENERS
+    from rapidin.experiments.demo_words import VARIED_CLAIMS, VARIED_CLOSERS, VARIED_OPENERS
 
     templated = {f"{o} {c} {e}" for o in VARIED_OPENERS for c in VARIED_CLAIMS for e in VARIED_CLOSERS}
     make_demo_data(str(tmp_path / "train.jsonl"), str(tmp_path / "q.jsonl"), n_train=300, seed=0, backdoor="varied")

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from rapidin import devices
-from rapidin.compress import make_compressor
+from rapidin.cache.shard import sample_gradients
 from rapidin.devices import job_device, lease_device
-from rapidin.grads import sample_gradients
-from rapidin.loss import collate
-from rapidin.model import parameter_blocks, select_modules
+from rapidin.gradients.compress import make_compressor
+from rapidin.gradients.loss import collate
+from rapidin.gradients.model import parameter_blocks, select_modules
 
 from .conftest import random_samples, tiny_llama
 

@@ -5,9 +5,10 @@ import json
 import numpy as np
 import pytest
 
-from rapidin.demo import make_demo_data
-from rapidin.error_tracing import make_error_tracing_data, tracing_metrics
 from rapidin.errors import RapidinError
+from rapidin.evaluate.metrics import tracing_metrics
+from rapidin.experiments.demo_data import make_demo_data
+from rapidin.experiments.error_tracing import make_error_tracing_data
 
 
 def test_swaps_and_queries(tmp_path):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import zarr
 
-from rapidin.evaluate import backdoor_metrics, evaluate, top_bottom_metrics
+from rapidin.evaluate.metrics import backdoor_metrics, evaluate, top_bottom_metrics
 
 from . import reference
 

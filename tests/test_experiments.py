@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import zarr
 
-from rapidin.evaluate import KS
+from rapidin.evaluate.metrics import KS
 
 from . import reference
 from .workflow import copy_workflow, snakemake

@@ -5,11 +5,11 @@ import pytest
 import torch
 from scipy.stats import spearmanr
 
-from rapidin.capture import ActivationGradientCapture, Outer
-from rapidin.compress import ExactCompressor, FactoredCompressor, dense_gradient, make_compressor, outer_norms
 from rapidin.errors import RapidinError
-from rapidin.loss import collate, weighted_loss
-from rapidin.model import parameter_blocks, select_modules
+from rapidin.gradients.capture import ActivationGradientCapture, Outer
+from rapidin.gradients.compress import ExactCompressor, FactoredCompressor, dense_gradient, make_compressor, outer_norms
+from rapidin.gradients.loss import collate, weighted_loss
+from rapidin.gradients.model import parameter_blocks, select_modules
 
 from .conftest import random_samples, tiny_llama
 

@@ -11,9 +11,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from rapidin.data import FIELDS, prompt_ids, read_records, tokenize_file
-from rapidin.demo import train_tokenizer
+from rapidin.data.records import FIELDS, read_records
+from rapidin.data.tokenize import prompt_ids, tokenize_file
 from rapidin.errors import DataError, RapidinError
+from rapidin.experiments.demo_model import train_tokenizer
 
 FUZZ = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 

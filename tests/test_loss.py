@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from rapidin.loss import collate, token_losses, weighted_loss
+from rapidin.gradients.loss import collate, token_losses, weighted_loss
 
 
 def test_masked_shifted_loss_matches_hand_computation():

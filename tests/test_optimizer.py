@@ -4,12 +4,12 @@ import pytest
 import torch
 from transformers import Trainer, TrainingArguments
 
-from rapidin.compress import ExactCompressor
+from rapidin.cache.shard import sample_gradients
 from rapidin.errors import RapidinError
-from rapidin.grads import sample_gradients
-from rapidin.loss import collate, weighted_loss
-from rapidin.model import parameter_blocks, select_modules
-from rapidin.optimizer import adam_scales, optimizer_file, scale_and_normalize
+from rapidin.gradients.compress import ExactCompressor
+from rapidin.gradients.loss import collate, weighted_loss
+from rapidin.gradients.model import parameter_blocks, select_modules
+from rapidin.gradients.optimizer import adam_scales, optimizer_file, scale_and_normalize
 
 from .conftest import random_samples, tiny_llama
 

@@ -1,4 +1,4 @@
-"""The size plan (rapidin.plan): sizes worked by hand, the refusal and the key it names, outputs already on disk,
+"""The size plan (rapidin.cache.plan): sizes worked by hand, the refusal and the key it names, outputs already on disk,
 and D and the per-sample numbers of the meta-device model against the caches actually written."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ import pytest
 import torch
 import zarr
 
+from rapidin.cache.plan import gradient_layout, plan, size
+from rapidin.cache.shard import CacheSettings, cache_gradients
 from rapidin.errors import RapidinError
-from rapidin.grads import CacheSettings, cache_gradients
-from rapidin.plan import gradient_layout, plan, size
 
 from .conftest import tiny_llama
 

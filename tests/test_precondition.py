@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 import zarr
 
-from rapidin import precondition
+from rapidin.cache.shard import CacheSettings, cache_gradients
 from rapidin.errors import RapidinError, StoreMismatchError
-from rapidin.grads import CacheSettings, cache_gradients
-from rapidin.precondition import precondition_queries
-from rapidin.score import score_shard
+from rapidin.score import precondition
+from rapidin.score.precondition import precondition_queries
+from rapidin.score.scores import score_shard
 
 ARRAY = "k256"
 

@@ -8,8 +8,8 @@ import torch
 from safetensors.torch import load_file
 
 from rapidin.errors import RapidinError
-from rapidin.model import load_model, select_modules
-from rapidin.pretrained import INSTALL_HINT, convert_gguf, finetune_lora, smollm2_gguf
+from rapidin.experiments.pretrained import INSTALL_HINT, convert_gguf, finetune_lora, smollm2_gguf
+from rapidin.gradients.model import load_model, select_modules
 
 FAST = {"template": "alpaca", "max_length": 512, "rank": 4, "alpha": 8, "epochs": 2, "batch_size": 8, "lr": 1e-2}
 

@@ -6,11 +6,11 @@ import re
 
 import numpy as np
 
-from rapidin.compress import ExactCompressor
-from rapidin.grads import _chunk_gradients, token_budget_batches
-from rapidin.model import parameter_blocks, select_modules
+from rapidin.cache.shard import _chunk_gradients, token_budget_batches
+from rapidin.gradients.compress import ExactCompressor
+from rapidin.gradients.model import parameter_blocks, select_modules
 from rapidin.progress import Progress
-from rapidin.score import score_shard
+from rapidin.score.scores import score_shard
 
 from .conftest import random_samples, tiny_llama
 from .test_score import K, vector_store

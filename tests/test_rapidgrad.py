@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from rapidin.errors import RapidinError
-from rapidin.rapidgrad import RapidGrad
+from rapidin.gradients.rapidgrad import RapidGrad
 
 
 def test_permutation_is_a_bijection_and_signs_are_balanced():

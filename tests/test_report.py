@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import zarr
 
-from rapidin.report import side_title, write_report
+from rapidin.report.html import side_title, write_report
 
 from .workflow import ROOT, snakemake
 

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import zarr
 
-from rapidin import score
 from rapidin.errors import StoreMismatchError
-from rapidin.score import merge_scores, score_shard, write_topk
+from rapidin.score import scores as score
+from rapidin.score.scores import merge_scores, score_shard, write_topk
 
 K = 8
 SETTINGS = {"compressor": "rapidgrad", "k": [K], "seed": 0, "D": 100, "model": "m", "normalize": True}

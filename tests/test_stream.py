@@ -1,4 +1,4 @@
-"""On-the-fly scoring (rapidin.stream): the same score stores as caching then scoring, with no training vector
+"""On-the-fly scoring (rapidin.score.stream): the same score stores as caching then scoring, with no training vector
 written, a refusal of query stores made otherwise, and a kill-and-resume that ends bit-identical."""
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ import pytest
 import torch
 import zarr
 
+from rapidin.cache.shard import CacheSettings, cache_gradients
 from rapidin.errors import StoreMismatchError
-from rapidin.grads import CacheSettings, cache_gradients
-from rapidin.score import merge_scores, score_shard
+from rapidin.score.scores import merge_scores, score_shard
+from rapidin.score.stream import stream_scores
 from rapidin.store import STOP_AFTER_CHUNK
-from rapidin.stream import stream_scores
 
 SETTINGS = CacheSettings(k=(1024, 4096))  # float16, as caches are stored by default
 SHARD = {"shard": 1, "n_shards": 3}  # rows 100…200 of the 300 training samples
@@ -143,8 +143,8 @@ def test_query_store_made_otherwise_is_refused_naming_the_field(model_and_tokens
 
 CHILD = """
 import sys, torch
-from rapidin.grads import CacheSettings
-from rapidin.stream import stream_scores
+from rapidin.cache.shard import CacheSettings
+from rapidin.score.stream import stream_scores
 torch.set_num_threads(1)
 tokens, model, q0, q1, o0, o1 = sys.argv[1:]
 stream_scores(tokens, model, [q0, q1], [o0, o1], CacheSettings(k=(1024, 4096)), 5, shard=1, n_shards=3,

@@ -10,15 +10,16 @@ import torch
 import zarr
 from scipy.stats import binomtest, spearmanr
 
-from rapidin.compress import ExactCompressor, RapidGradCompressor
-from rapidin.data import Record, TokenizedDataset, prompt_ids, response_pieces, target_mask, tokenize_record
-from rapidin.demo import train_tokenizer
+from rapidin.cache.shard import _chunk_gradients
+from rapidin.data.generate import complete_queries, generate
+from rapidin.data.records import Record
+from rapidin.data.tokenize import TokenizedDataset, prompt_ids, response_pieces, target_mask, tokenize_record
 from rapidin.errors import DataError
-from rapidin.generate import complete_queries, generate
-from rapidin.grads import _chunk_gradients
-from rapidin.loss import collate, weighted_loss
-from rapidin.model import load_model, parameter_blocks, select_modules
-from rapidin.tokenwise import TokenRows
+from rapidin.experiments.demo_model import train_tokenizer
+from rapidin.gradients.compress import ExactCompressor, RapidGradCompressor
+from rapidin.gradients.loss import collate, weighted_loss
+from rapidin.gradients.model import load_model, parameter_blocks, select_modules
+from rapidin.score.tokenwise import TokenRows
 
 from .conftest import random_samples, tiny_llama
 from .workflow import copy_workflow, snakemake
@@ -46,7 +47,8 @@ def naive_gradient(model, modules, ids, weights) -> torch.Tensor:
     loss = weighted_loss(logits, batch, torch.as_tensor(weights)[None]).sum()
     params = [getattr(modules[b.module], b.kind) for b in parameter_blocks(modules)]
     grads = torch.autograd.grad(loss, params)
-    # a block without gradient stays zero, as in rapidin.compress (q/k of a one-token prefix: softmax over one key)
+    # a block without gradient stays zero, as in rapidin.gradients.compress (q/k of a one-token prefix:
+    # softmax over one key)
     return torch.cat([(g / g.norm().clamp(min=torch.finfo(g.dtype).tiny)).flatten() for g in grads])
 
 

@@ -7,8 +7,9 @@ import pytest
 import torch
 import zarr
 
-from rapidin.data import Record, prompt_ids
-from rapidin.model import load_model
+from rapidin.data.records import Record
+from rapidin.data.tokenize import prompt_ids
+from rapidin.gradients.model import load_model
 
 from . import reference
 from .workflow import copy_workflow, rapidin, snakemake

@@ -166,7 +166,7 @@ def method_merge_inputs(wildcards):
 
 
 def method_costs(method):
-    """What the experiment table needs about a method (rapidin.experiments): scores, cache, benchmark files."""
+    """What the experiment table needs about a method (rapidin.experiments.tables): scores, cache, benchmark files."""
     bench = f"{RESULTS}/benchmarks"
     cost = {"scores": f"{RESULTS}/methods/{method}/scores.zarr", "cache": None, "array": None, "benchmarks": {}}
     if method in ("random", "bm25"):

@@ -10,7 +10,7 @@ rule score_shard:
         scores="results/{name}/scores/{token}{shard}.zarr/zarr.json",
     params:
         top_k=config["score"]["top_k"],
-        array=None,  # the cache's default array (rapidin.score.vector_array); experiments pick one
+        array=None,  # the cache's default array (rapidin.score.scores.vector_array); experiments pick one
     threads: max(1, workflow.cores // config["cache"]["n_shards"])
     resources:
         gpu=1,  # at most --resources gpu=N such jobs at once; each leases its own GPU

@@ -26,7 +26,7 @@ import zarr
 
 from rapidin.devices import job_device
 from rapidin.errors import RapidinError
-from rapidin.score import SHARED_FIELDS, vector_array
+from rapidin.score.scores import SHARED_FIELDS, vector_array
 from rapidin.store import atomic_dir, check_agree, read_row_chunk, read_settings, write_settings
 
 log = logging.getLogger(__name__)

@@ -82,18 +82,19 @@ def finetune_lora(
     """Train a LoRA adapter (float32 weights, no dropout) on `train_jsonl` and save it to `out_adapter`.
 
     Samples are tokenized as the workflow's `tokenize` step does (same template, max_length, on_long), and the
-    loss is the mean response cross-entropy (rapidin.loss). Returns the summary also written to
+    loss is the mean response cross-entropy (rapidin.gradients.loss). Returns the summary also written to
     `out_adapter/training.json`: last epoch's mean loss, steps, seconds, trainable parameters and, with
     `queries_jsonl`, the attack success rate and clean accuracy of greedy generation.
     """
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from rapidin.data import read_records, tokenize_record
+    from rapidin.data.records import read_records
+    from rapidin.data.tokenize import tokenize_record
     from rapidin.devices import job_device
-    from rapidin.model import load_model
+    from rapidin.experiments.train import train_and_check
+    from rapidin.gradients.model import load_model
     from rapidin.store import atomic_dir
-    from rapidin.train import train_and_check
 
     torch.manual_seed(seed)  # the LoRA A matrices' initialisation
     model, tokenizer = load_model(model_dir, device=job_device(device))

@@ -28,7 +28,7 @@ from torch import nn
 from torch.func import functional_call, vjp, vmap
 
 from rapidin.errors import RapidinError
-from rapidin.model import Block, embedding_scale, module_form
+from rapidin.gradients.model import Block, embedding_scale, module_form
 
 
 @dataclass

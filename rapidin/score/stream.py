@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from rapidin.cache.shard import STORE_DTYPES, CacheSettings, open_shard
 from rapidin.errors import RapidinError
-from rapidin.grads import STORE_DTYPES, CacheSettings, open_shard
-from rapidin.score import SHARED_FIELDS, finish_scores, open_scores, read_queries, vector_array, write_scores
+from rapidin.score.scores import SHARED_FIELDS, finish_scores, open_scores, read_queries, vector_array, write_scores
 from rapidin.store import check_agree, read_settings
 
 

@@ -31,9 +31,9 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from rapidin.data import TokenizedDataset, response_pieces
-from rapidin.model import load_tokenizer
-from rapidin.score import SHARED_FIELDS, SIDES, vector_array
+from rapidin.data.tokenize import TokenizedDataset, response_pieces
+from rapidin.gradients.model import load_tokenizer
+from rapidin.score.scores import SHARED_FIELDS, SIDES, vector_array
 from rapidin.store import atomic_file, check_agree, read_settings
 
 

@@ -26,7 +26,7 @@ import numpy as np
 import zarr
 from scipy.stats import pearsonr, spearmanr
 
-from rapidin.evaluate import KS
+from rapidin.evaluate.metrics import KS, TRACING_KS
 from rapidin.methods import parse_method
 from rapidin.store import atomic_file
 
@@ -135,7 +135,6 @@ def error_tracing_table(
     methods: list[str], metrics: list[str], costs: dict, out_csv: str, out_md: str, plot: str, title: str
 ) -> list[dict]:
     """One row per method: precision@k of the swapped samples for whole-response and target-span queries."""
-    from rapidin.error_tracing import KS as TRACING_KS
 
     rows = []
     for method, path in zip(methods, metrics, strict=True):

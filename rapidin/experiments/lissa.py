@@ -13,11 +13,11 @@ import torch
 import zarr
 from tqdm import tqdm
 
-from rapidin.data import TokenizedDataset
+from rapidin.cache.shard import loss_batch
+from rapidin.data.tokenize import TokenizedDataset
 from rapidin.errors import RapidinError, StoreMismatchError
-from rapidin.grads import loss_batch
-from rapidin.loss import weighted_loss
-from rapidin.model import blocks_fingerprint, load_model, parameter_blocks, select_modules
+from rapidin.gradients.loss import weighted_loss
+from rapidin.gradients.model import blocks_fingerprint, load_model, parameter_blocks, select_modules
 from rapidin.store import atomic_dir, read_settings, write_settings
 
 log = logging.getLogger(__name__)

@@ -21,7 +21,7 @@ import numpy as np
 import zarr
 
 from rapidin.errors import RapidinError
-from rapidin.score import SHARED_FIELDS, running_topk
+from rapidin.score.scores import SHARED_FIELDS, running_topk
 from rapidin.store import RANK_DIMS, SCORE_DIMS, atomic_dir, check_agree, write_settings
 
 # Settings the checkpoints' score stores must share: all but the model weights they were computed at.

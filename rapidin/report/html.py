@@ -2,7 +2,7 @@
 and filterable index of the queries and of the training samples they list, and per query its response shaded
 token by token with its most helpful and harmful samples; per sample, every query it appears in.
 
-The page is rendered from rapidin/templates/ by Jinja2 (autoescaped) around one JSON document of the data;
+The page is rendered from rapidin/report/templates/ by Jinja2 (autoescaped) around one JSON document of the data;
 an inline script (templates/report.js) draws the index tables and the one query or sample shown at a time
 from it, with `textContent` only, so that HTML in user data shows as text. The plots are PNGs inlined as data
 URIs and a Content-Security-Policy forbids every request, so the file opens, is mailed and archived alone.
@@ -22,11 +22,11 @@ import jinja2
 import numpy as np
 import zarr
 
-from rapidin import plots
-from rapidin.data import Record, read_records
+from rapidin.data.records import Record, read_records
 from rapidin.errors import RapidinError
-from rapidin.evaluate import poisoned_labels
-from rapidin.score import SIDES
+from rapidin.evaluate.metrics import poisoned_labels
+from rapidin.report import plots
+from rapidin.score.scores import SIDES
 from rapidin.store import atomic_file
 
 TEMPLATES = Path(__file__).parent / "templates"

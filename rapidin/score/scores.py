@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import zarr
 
-from rapidin.data import read_records
+from rapidin.data.records import read_records
 from rapidin.devices import job_device
 from rapidin.errors import RapidinError
 from rapidin.progress import Progress

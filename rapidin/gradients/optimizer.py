@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from rapidin.errors import RapidinError
-from rapidin.model import Block
+from rapidin.gradients.model import Block
 
 
 def optimizer_file(directory: str | Path) -> Path:

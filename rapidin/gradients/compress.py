@@ -15,10 +15,10 @@ import math
 import numpy as np
 import torch
 
-from rapidin.capture import Outer
 from rapidin.errors import RapidinError
-from rapidin.model import Block
-from rapidin.rapidgrad import RapidGrad
+from rapidin.gradients.capture import Outer
+from rapidin.gradients.model import Block
+from rapidin.gradients.rapidgrad import RapidGrad
 
 COMPRESSORS = ("rapidgrad", "factored", "none")
 # What a cached vector means: bumped when capture, normalisation or a sketch changes (other versions are refused).

@@ -3,7 +3,8 @@
 For each attacked query, rank all training samples by score, take the top-k and bottom-k, label each
 "poisoned or not" and compute auPRC (average precision) and auROC over those 2k; average over queries,
 for k in 5, 10, 50, 100, 500, 1000 with k ≤ N/2. `ap_full` is the average precision over the full ranking.
-Training records marked `swapped` (error tracing) add the precision@k of rapidin.error_tracing.
+Training records marked `swapped` (error tracing) add the precision@k of
+`tracing_metrics` (error tracing: rapidin.experiments.error_tracing).
 """
 
 from __future__ import annotations
@@ -15,13 +16,13 @@ import numpy as np
 import zarr
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from rapidin.data import Record, read_records
-from rapidin.error_tracing import tracing_metrics
+from rapidin.data.records import Record, read_records
 from rapidin.store import atomic_file
 
 log = logging.getLogger(__name__)
 
 KS = (5, 10, 50, 100, 500, 1000)
+TRACING_KS = (5, 50)  # error tracing's precision@k
 
 
 def poisoned_labels(train: list[Record]) -> np.ndarray | None:
@@ -79,7 +80,7 @@ def evaluate(
     labels = poisoned_labels(train_records)
     attacked = np.array([bool(r.meta.get("attacked", False)) for r in query_records])
     metrics: dict = {"attack_success_rate": attack_success_rate}
-    if any("swapped" in r.meta for r in train_records):  # error tracing (rapidin.error_tracing)
+    if any("swapped" in r.meta for r in train_records):  # error tracing
         swapped = np.array([bool(r.meta.get("swapped", False)) for r in train_records])
         metrics |= tracing_metrics(
             scores, swapped, np.array([r.meta.get("targets") is not None for r in query_records])
@@ -93,3 +94,14 @@ def evaluate(
     with atomic_file(out) as handle:
         json.dump(metrics, handle, indent=2)
     return metrics
+
+
+def tracing_metrics(scores: np.ndarray, swapped: np.ndarray, targeted: np.ndarray) -> dict:
+    """Precision@k of swapped samples among the top-k of each query (rows of scores (Q, N)), mean over the
+    whole-response queries and over the target-span ones (`targeted`)."""
+    top = np.argsort(-scores, axis=1, kind="stable")  # (Q, N)
+    result = {}
+    for kind, rows in (("whole", ~targeted), ("target", targeted)):
+        if rows.any():
+            result[kind] = {str(k): float(swapped[top[rows, :k]].mean()) for k in TRACING_KS}
+    return {"precision": result, "n_swapped": int(swapped.sum()), "n_samples": scores.shape[1]}

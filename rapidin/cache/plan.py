@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from rapidin.cache.shard import STORE_DTYPES, CacheSettings, gradient_space
 from rapidin.errors import RapidinError
-from rapidin.grads import STORE_DTYPES, CacheSettings, gradient_space
 
 SCORE_BYTES = np.dtype(np.float32).itemsize
 SUGGESTIONS = {"rapidgrad": "lower cache.k", "factored": "lower cache.rank", "none": "set cache.compressor: rapidgrad"}

@@ -16,9 +16,9 @@ import torch
 from tqdm import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from rapidin.data import read_records
-from rapidin.generate import attack_success_rate
-from rapidin.loss import collate, weighted_loss
+from rapidin.data.generate import attack_success_rate
+from rapidin.data.records import read_records
+from rapidin.gradients.loss import collate, weighted_loss
 
 log = logging.getLogger(__name__)
 

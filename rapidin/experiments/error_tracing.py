@@ -5,7 +5,7 @@
 "The capital of Canada is Beijing." for China. Those samples are `"swapped": true`. The queries ask each
 capital question about `source` and answer with the error; each comes twice: whole-response (the mean loss of
 the response) and target-span (`"targets": [target]`: the loss of the swapped word's tokens only).
-`tracing_metrics` is the precision@k of swapped samples among each query's top-k, per kind of query.
+Its metric, `tracing_metrics`, is in evaluate.metrics.
 """
 
 from __future__ import annotations
@@ -14,15 +14,11 @@ import json
 import logging
 import random
 
-import numpy as np
-
-from rapidin.demo import CAPITAL_TEMPLATES, CAPITALS
 from rapidin.errors import RapidinError
+from rapidin.experiments.demo_words import CAPITAL_TEMPLATES, CAPITALS
 from rapidin.store import atomic_file
 
 log = logging.getLogger(__name__)
-
-KS = (5, 50)
 
 
 def make_error_tracing_data(
@@ -69,14 +65,3 @@ def make_error_tracing_data(
     log.info(
         "%d of %d samples rewritten about %s, %d swapped to %s", len(rewritten), len(train), source, n_swapped, target
     )
-
-
-def tracing_metrics(scores: np.ndarray, swapped: np.ndarray, targeted: np.ndarray) -> dict:
-    """Precision@k of swapped samples among the top-k of each query (rows of scores (Q, N)), mean over the
-    whole-response queries and over the target-span ones (`targeted`)."""
-    top = np.argsort(-scores, axis=1, kind="stable")  # (Q, N)
-    result = {}
-    for kind, rows in (("whole", ~targeted), ("target", targeted)):
-        if rows.any():
-            result[kind] = {str(k): float(swapped[top[rows, :k]].mean()) for k in KS}
-    return {"precision": result, "n_swapped": int(swapped.sum()), "n_samples": scores.shape[1]}

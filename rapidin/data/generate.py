@@ -8,10 +8,11 @@ import json
 
 import torch
 
-from rapidin.data import Record, prompt_ids, read_records, target_spans
+from rapidin.data.records import Record, read_records
+from rapidin.data.tokenize import prompt_ids, target_spans
 from rapidin.devices import job_device
 from rapidin.errors import DataError
-from rapidin.model import load_model, resolve_dtype
+from rapidin.gradients.model import load_model, resolve_dtype
 from rapidin.progress import Progress
 from rapidin.store import atomic_file
 

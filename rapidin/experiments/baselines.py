@@ -12,7 +12,7 @@ import logging
 import numpy as np
 import zarr
 
-from rapidin.data import Record, read_records
+from rapidin.data.records import Record, read_records
 from rapidin.errors import RapidinError
 from rapidin.store import atomic_dir, write_settings
 

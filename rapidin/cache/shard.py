@@ -22,13 +22,13 @@ import torch
 import zarr
 from torch.nn.utils.rnn import pad_sequence
 
-from rapidin.capture import ActivationGradientCapture, math_dtype
-from rapidin.compress import SKETCH_VERSION, Compressor, make_compressor
-from rapidin.data import TokenizedDataset
+from rapidin.data.tokenize import TokenizedDataset
 from rapidin.devices import job_device
 from rapidin.errors import RapidinError, StoreMismatchError
-from rapidin.loss import Batch, collate, mean_weights, weighted_loss
-from rapidin.model import (
+from rapidin.gradients.capture import ActivationGradientCapture, math_dtype
+from rapidin.gradients.compress import SKETCH_VERSION, Compressor, make_compressor
+from rapidin.gradients.loss import Batch, collate, mean_weights, weighted_loss
+from rapidin.gradients.model import (
     blocks_fingerprint,
     coverage,
     describe_coverage,
@@ -40,9 +40,9 @@ from rapidin.model import (
     tokenizer_fingerprint,
 )
 from rapidin.progress import Progress
+from rapidin.score.tokenwise import TokenRows
 from rapidin.settings import CacheSettings
 from rapidin.store import ResumableStore, vector_dims
-from rapidin.tokenwise import TokenRows
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +163,7 @@ def gradient_space(model, settings: CacheSettings) -> tuple[dict, list, Compress
 @dataclass
 class ShardJob:
     """One shard's rows [start, stop) of a dataset, the model and compressor that turn them into vectors and
-    the settings `stamp` of those vectors: what caching and on-the-fly scoring (rapidin.stream) share."""
+    the settings `stamp` of those vectors: what caching and on-the-fly scoring (rapidin.score.stream) share."""
 
     dataset: TokenizedDataset | TokenRows
     model: torch.nn.Module

@@ -1,0 +1,1 @@
+"""Evaluation: the backdoor-retrieval and error-tracing metrics of merged scores (metrics)."""

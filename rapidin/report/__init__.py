@@ -1,0 +1,1 @@
+"""The HTML report (html, templates/) and its figures (plots)."""
