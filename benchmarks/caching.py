@@ -87,11 +87,9 @@ def make_project(root: Path, size: CachingSize) -> tuple[str, str]:
 def time_rapidin(
     model_dir: str, tokens: str, out: Path, size: CachingSize, device: str, model_dtype: str, compressor="rapidgrad"
 ) -> float:
-    settings = CacheSettings(compressor, k=(size.k,), dtype="float16")
+    settings = CacheSettings(compressor, k=(size.k,), batch_tokens=size.batch_tokens, model_dtype=model_dtype)
     started = time.perf_counter()
-    cache_gradients(
-        tokens, model_dir, str(out), settings, batch_tokens=size.batch_tokens, device=device, model_dtype=model_dtype
-    )
+    cache_gradients(tokens, model_dir, str(out), settings, device=device)
     return time.perf_counter() - started
 
 

@@ -63,14 +63,13 @@ def caching_and_stream(
     root: Path, caching_size: CachingSize, size: ScaleSize, device: str, model_dtype: str
 ) -> dict[str, dict]:
     """{"caching": {samples: (seconds, peak)}, "stream": {samples: (seconds, peak)}}, best of two for the larger."""
-    settings = CacheSettings(k=(caching_size.k,))
+    settings = CacheSettings(k=(caching_size.k,), batch_tokens=caching_size.batch_tokens, model_dtype=model_dtype)
     result = {"caching": {}, "stream": {}}
     for factor in sorted({1, size.caching_factor}):
         n, folder = caching_size.n_samples * factor, root / f"x{factor}"
         folder.mkdir()
         model, tokens = make_project(folder, dataclasses.replace(caching_size, n_samples=n))
         args = {"tokens": tokens, "model_path": model, "settings": settings, "device": device}
-        args.update(batch_tokens=caching_size.batch_tokens, model_dtype=model_dtype)
         queries = str(folder / "queries.zarr")  # the first n_queries training samples serve as queries
         time_fresh("rapidin.cache.shard.cache_gradients", out=queries, shard=0, n_shards=n // size.n_queries, **args)
         caching, stream = [], []

@@ -204,10 +204,7 @@ def grads(
         adapter,
         shard,
         n_shards,
-        batch_tokens=cache.batch_tokens,
         device=device,
-        model_dtype=cache.model_dtype,
-        chunk_rows=cache.chunk_rows,
         per_token=per_token,
         samples=samples,
     )
@@ -273,10 +270,7 @@ def stream(
         adapter,
         shard,
         n_shards,
-        batch_tokens=cache.batch_tokens,
         device=device,
-        model_dtype=cache.model_dtype,
-        chunk_rows=cache.chunk_rows,
         array=array,
     )
 

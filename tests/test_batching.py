@@ -69,19 +69,24 @@ def tiny_project(tmp_path_factory):
 
 @pytest.mark.parametrize("compressor", COMPRESSORS)
 def test_cache_is_the_same_with_big_and_tiny_batches(tiny_project, compressor):
-    settings = CacheSettings(compressor, k=(256,), dtype="float32", rank=4)
     stores = {}
     for batch_tokens in (1, 100_000):  # one sample per batch, all of a chunk in one padded batch
         out = tiny_project / f"cache-{compressor}-{batch_tokens}.zarr"
+        settings = CacheSettings(
+            compressor,
+            k=(256,),
+            dtype="float32",
+            rank=4,
+            batch_tokens=batch_tokens,
+            chunk_rows=5,
+            model_dtype="float64",
+        )
         cache_gradients(
             str(tiny_project / "tokens.zarr"),
             str(tiny_project / "model"),
             str(out),
             settings,
-            batch_tokens=batch_tokens,
             device="cpu",
-            model_dtype="float64",
-            chunk_rows=5,
         )
         stores[batch_tokens] = zarr.open_group(out, mode="r")
     name = {"none": "exact", "rapidgrad": "k256", "factored": "factored"}[compressor]

@@ -41,11 +41,10 @@ def make_checkpoint(root, name: str, seed: int, tokenizer_dir, lr_logged: float 
 def merged_scores(root, checkpoint, tokens, name: str) -> str:
     """For one checkpoint: the exact (compressor none) vectors of the first 20 training samples and of the queries,
     their scores and the merge of those scores."""
-    settings = CacheSettings(compressor="none", dtype="float32")
+    settings = CacheSettings(compressor="none", dtype="float32", model_dtype="float64")
     queries, train = str(root / f"{name}-queries.zarr"), str(root / f"{name}-train.zarr")
-    cache_gradients(str(tokens / "queries.zarr"), checkpoint, queries, settings, device="cpu", model_dtype="float64")
-    cache_gradients(str(tokens / "train.zarr"), checkpoint, train, settings, n_shards=N_SHARDS, device="cpu",
-                    model_dtype="float64")  # fmt: skip
+    cache_gradients(str(tokens / "queries.zarr"), checkpoint, queries, settings, device="cpu")
+    cache_gradients(str(tokens / "train.zarr"), checkpoint, train, settings, n_shards=N_SHARDS, device="cpu")
     score_shard(queries, str(root / f"{name}-train.zarr"), str(root / f"{name}-shard.zarr"), TOP_K, device="cpu")
     merge_scores([str(root / f"{name}-shard.zarr")], queries, str(root / f"{name}-scores.zarr"))
     return str(root / f"{name}-scores.zarr")

@@ -3,6 +3,7 @@ and D and the per-sample numbers of the meta-device model against the caches act
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from collections import namedtuple
 from pathlib import Path
@@ -89,7 +90,8 @@ def test_outputs_already_written_need_no_new_room(tmp_path, monkeypatch):
 )
 def test_layout_and_bytes_are_those_of_the_cache_written(model_and_tokens, tmp_path, monkeypatch, settings):
     model, tokens = str(model_and_tokens / "model"), str(model_and_tokens / "tokens/queries.zarr")
-    cache_gradients(tokens, model, str(tmp_path / "cache.zarr"), settings, device="cpu", model_dtype="float32")
+    cache = dataclasses.replace(settings, model_dtype="float32")
+    cache_gradients(tokens, model, str(tmp_path / "cache.zarr"), cache, device="cpu")
     group = zarr.open_group(tmp_path / "cache.zarr", mode="r")
     arrays = {name: group[name].shape[1] for name in group.array_keys() if name not in ("ids", "done")}
     d, layout = gradient_layout(model, None, settings)

@@ -1,5 +1,7 @@
 """The compressed-space preconditioner against (C + λI)⁻¹ computed naively in fp64 from the cached vectors."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import zarr
@@ -20,9 +22,10 @@ def stores(model_and_tokens, tmp_path_factory):
     tokens, model = model_and_tokens / "tokens", model_and_tokens / "model"
     settings = CacheSettings("rapidgrad", (64, 256), dtype="float32")
     cache_gradients(str(tokens / "queries.zarr"), str(model), str(root / "queries.zarr"), settings, device="cpu")
+    chunked = dataclasses.replace(settings, chunk_rows=4)
     for shard in (0, 1):
-        cache_gradients(str(tokens / "train.zarr"), str(model), str(root / f"train-{shard}.zarr"), settings,
-                        shard=shard, n_shards=15, device="cpu", chunk_rows=4)  # fmt: skip
+        cache_gradients(str(tokens / "train.zarr"), str(model), str(root / f"train-{shard}.zarr"), chunked,
+                        shard=shard, n_shards=15, device="cpu")  # fmt: skip
     return root
 
 

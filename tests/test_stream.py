@@ -3,6 +3,7 @@ written, a refusal of query stores made otherwise, and a kill-and-resume that en
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
@@ -21,9 +22,10 @@ from rapidin.score.scores import merge_scores, score_shard
 from rapidin.score.stream import stream_scores
 from rapidin.store import STOP_AFTER_CHUNK
 
-SETTINGS = CacheSettings(k=(1024, 4096))  # float16, as caches are stored by default
+SETTINGS = CacheSettings(k=(1024, 4096), model_dtype="float32")  # stored as float16, as caches are by default
 SHARD = {"shard": 1, "n_shards": 3}  # rows 100…200 of the 300 training samples
 CHUNK_ROWS = 7  # 15 chunks, the last one ragged
+CHUNKED = dataclasses.replace(SETTINGS, chunk_rows=CHUNK_ROWS)
 TOP_K = 5
 
 
@@ -36,7 +38,7 @@ def one_thread():  # for every computation of the module, so that streamed runs 
 
 
 def common(model_and_tokens) -> dict:
-    return {"model_path": str(model_and_tokens / "model"), "model_dtype": "float32", "device": "cpu"}
+    return {"model_path": str(model_and_tokens / "model"), "device": "cpu"}
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +57,7 @@ def cached(model_and_tokens, query_stores, tmp_path_factory) -> tuple[Path, list
     root = tmp_path_factory.mktemp("cached")
     tokens = str(model_and_tokens / "tokens/train.zarr")
     cache = str(root / "train.zarr")
-    cache_gradients(tokens, out=cache, settings=SETTINGS, chunk_rows=CHUNK_ROWS, **SHARD, **common(model_and_tokens))
+    cache_gradients(tokens, out=cache, settings=CHUNKED, **SHARD, **common(model_and_tokens))
     scores = [str(root / f"scores-{i}.zarr") for i in range(len(query_stores))]
     for queries, out in zip(query_stores, scores, strict=True):
         score_shard(queries, cache, out, TOP_K, device="cpu")
@@ -64,9 +66,7 @@ def cached(model_and_tokens, query_stores, tmp_path_factory) -> tuple[Path, list
 
 def stream(model_and_tokens, query_stores, out: list[str], **kwargs) -> None:
     tokens, args = str(model_and_tokens / "tokens/train.zarr"), {**common(model_and_tokens), **kwargs}
-    stream_scores(
-        tokens, queries=query_stores, out=out, settings=SETTINGS, top_k=TOP_K, chunk_rows=CHUNK_ROWS, **SHARD, **args
-    )
+    stream_scores(tokens, queries=query_stores, out=out, settings=CHUNKED, top_k=TOP_K, **SHARD, **args)
 
 
 @pytest.fixture(scope="module")
@@ -147,8 +147,8 @@ from rapidin.cache.shard import CacheSettings
 from rapidin.score.stream import stream_scores
 torch.set_num_threads(1)
 tokens, model, q0, q1, o0, o1 = sys.argv[1:]
-stream_scores(tokens, model, [q0, q1], [o0, o1], CacheSettings(k=(1024, 4096)), 5, shard=1, n_shards=3,
-              device="cpu", model_dtype="float32", chunk_rows=7)
+stream_scores(tokens, model, [q0, q1], [o0, o1], CacheSettings(k=(1024, 4096), model_dtype="float32", chunk_rows=7), 5,
+              shard=1, n_shards=3, device="cpu")
 """
 
 

@@ -2,7 +2,7 @@
 disk where they go, and a refusal (one line naming the key to change) when they would not fit.
 
 D and the numbers stored per sample come from the model built on PyTorch's meta device (no weights are read)
-through the gradient space caching uses (grads.gradient_space), so they are the ones the cache will record.
+through the gradient space caching uses (cache.shard.gradient_space), so they are the ones the cache will record.
 """
 
 from __future__ import annotations

@@ -101,22 +101,19 @@ def cache_gradients(
     adapter: str | None = None,
     shard: int = 0,
     n_shards: int = 1,
-    batch_tokens: int = 8192,
     device: str = "auto",
-    model_dtype: str = "auto",
-    chunk_rows: int | None = None,
     per_token: bool = False,
     samples: list[int] | None = None,
 ) -> None:
     """Compute one shard's per-sample gradient vectors into a Zarr store at `out`.
 
-    Rows are computed, written and flagged done `chunk_rows` at a time (default: about 16 MiB of vectors).
+    Rows are computed, written and flagged done `settings.chunk_rows` at a time (default: about 16 MiB of vectors).
 
     With `per_token`, the rows are the response tokens of `samples` (default: every sample), each the gradient
-    of that token's loss alone (tokenwise.TokenRows), with their `sample_index` and `token_position`.
+    of that token's loss alone (score.tokenwise.TokenRows), with their `sample_index` and `token_position`.
     """
-    job = open_shard(tokens, model_path, settings, adapter, shard, n_shards, device, model_dtype, per_token, samples)
-    chunks = job.chunks(settings.dtype, chunk_rows)
+    job = open_shard(tokens, model_path, settings, adapter, shard, n_shards, device, per_token, samples)
+    chunks = job.chunks()
     ids, chunk_rows, dtype = np.arange(job.start, job.stop), len(chunks[0]), STORE_DTYPES[settings.dtype]
     check_room(out, len(ids) * sum(job.compressor.arrays.values()) * np.dtype(dtype).itemsize)
 
@@ -144,7 +141,7 @@ def cache_gradients(
             store.group[name][lo : lo + len(values)] = values
         store.mark_done(chunk)
 
-    job.compute(chunks, store.remaining(), batch_tokens, write, f"gradients {Path(out).name}")
+    job.compute(chunks, store.remaining(), write, f"gradients {Path(out).name}")
     store.publish()
 
 
@@ -173,16 +170,16 @@ class ShardJob:
     stamp: dict
     start: int
     stop: int
-    on_nonfinite: str = "error"
+    settings: CacheSettings
 
-    def chunks(self, dtype: str, chunk_rows: int | None = None) -> list[np.ndarray]:
-        """The shard's global rows in chunks of `chunk_rows` (default: about 16 MiB of `dtype` vectors)."""
+    def chunks(self) -> list[np.ndarray]:
+        """The shard's global rows in chunks of `cache.chunk_rows` (default: about 16 MiB of `cache.dtype` vectors)."""
         ids = np.arange(self.start, self.stop)
-        row_bytes = max(self.compressor.arrays.values()) * np.dtype(STORE_DTYPES[dtype]).itemsize
-        chunk_rows = min(len(ids), chunk_rows or max(1, CHUNK_BYTES // row_bytes))
+        row_bytes = max(self.compressor.arrays.values()) * np.dtype(STORE_DTYPES[self.settings.dtype]).itemsize
+        chunk_rows = min(len(ids), self.settings.chunk_rows or max(1, CHUNK_BYTES // row_bytes))
         return [ids[lo : lo + chunk_rows] for lo in range(0, len(ids), chunk_rows)]
 
-    def compute(self, chunks: list[np.ndarray], todo: list[int], batch_tokens: int, write, desc: str) -> None:
+    def compute(self, chunks: list[np.ndarray], todo: list[int], write, desc: str) -> None:
         """The vectors of chunks `todo` (indices into `chunks`), each handed to write(chunk, vectors) on a
         background thread while the next chunk is computed."""
         done = self.stop - self.start - sum(len(chunks[c]) for c in todo)
@@ -199,10 +196,10 @@ class ShardJob:
                     self.compressor,
                     self.dataset,
                     rows,
-                    batch_tokens,
+                    self.settings.batch_tokens,
                     self.pad_id,
                     bar,
-                    self.on_nonfinite,
+                    self.settings.on_nonfinite,
                 )
                 if pending is not None:
                     pending.result()
@@ -219,7 +216,6 @@ def open_shard(
     shard: int = 0,
     n_shards: int = 1,
     device: str = "auto",
-    model_dtype: str = "auto",
     per_token: bool = False,
     samples: list[int] | None = None,
 ) -> ShardJob:
@@ -229,7 +225,7 @@ def open_shard(
         dataset = TokenRows(dataset, samples)
     start, stop = shard_rows(len(dataset), shard, n_shards)
     torch_device = job_device(device)  # with several GPUs, a leased one (devices.py)
-    model, tokenizer = load_model(model_path, adapter, resolve_dtype(model_dtype, torch_device), torch_device)
+    model, tokenizer = load_model(model_path, adapter, resolve_dtype(settings.model_dtype, torch_device), torch_device)
     if dataset.settings["tokenizer"] != tokenizer_fingerprint(tokenizer):
         raise StoreMismatchError(f"{tokens} was tokenized with a different tokenizer than {model_path}'s")
     modules, blocks, compressor = gradient_space(model, settings)
@@ -264,9 +260,7 @@ def open_shard(
     log.info(
         "shard %d/%d: rows %d…%d, D=%d, arrays %s", shard, n_shards, start, stop, compressor.dim, compressor.arrays
     )
-    return ShardJob(
-        dataset, model, modules, compressor, tokenizer.pad_token_id, stamp, start, stop, settings.on_nonfinite
-    )
+    return ShardJob(dataset, model, modules, compressor, tokenizer.pad_token_id, stamp, start, stop, settings)
 
 
 def check_room(out: str, n_bytes: int) -> None:

@@ -80,7 +80,7 @@ def precondition_queries(
 ) -> dict:
     """Write `out`: the query store `queries` with its vectors `array` replaced by (C + λI)⁻¹ q.
 
-    `array` defaults to the one scored by default (score.vector_array), which must have at most MAX_DIM numbers.
+    `array` defaults to the one scored by default (score.scores.vector_array), which must have at most MAX_DIM numbers.
     The result holds that array only (score it with `array=`), `ids` and any per-token arrays, and the query
     store's settings (so score.check_agree accepts it with the same caches) plus `precondition`: array,
     damping, λ, rows used. Returns that `precondition` entry.

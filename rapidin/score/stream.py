@@ -1,10 +1,10 @@
 """On-the-fly scoring (`cache.store: false`): one shard's training gradients scored against the cached query
 vectors as they are computed, so that only the scores are kept, never the training vectors.
 
-The training side is computed exactly as caching computes it (grads.open_shard: same model, compressor, chunks
+The training side is computed exactly as caching computes it (cache.shard.open_shard: same model, compressor, chunks
 and settings); each chunk's vectors are rounded to `cache.dtype`, as a cache would store them, and multiplied on
 the job's device with the vectors of every query store (one GEMM per chunk and store). Each output is the store
-that `score.score_shard` writes for a cached shard (same arrays, settings and top-k), so merging and all that
+that `score.scores.score_shard` writes for a cached shard (same arrays, settings and top-k), so merging and all that
 follows cannot tell the two modes apart. The outputs are resumable chunk by chunk: a rerun computes only the
 chunks that some output still lacks.
 """
@@ -32,25 +32,22 @@ def stream_scores(
     adapter: str | None = None,
     shard: int = 0,
     n_shards: int = 1,
-    batch_tokens: int = 8192,
     device: str = "auto",
-    model_dtype: str = "auto",
-    chunk_rows: int | None = None,
     array: str | None = None,
 ) -> None:
     """Score every query store in `queries` against shard `shard` of `n_shards` of the tokenized training set,
     writing `out[i]` for `queries[i]`: one pass over the training gradients serves all of them (the queries and
     their per-token store, say).
 
-    `settings`, `batch_tokens`, `device`, `model_dtype` and `chunk_rows` mean what they mean for
-    `grads.cache_gradients`; `array` and `top_k` what they mean for `score.score_shard`. Each query store must
-    have been made with the same settings (score.SHARED_FIELDS), or StoreMismatchError names the first that differs.
+    `settings` and `device` mean what they mean for `cache.shard.cache_gradients`; `array` and `top_k` what
+    they mean for `score.scores.score_shard`. Each query store must have been made with the same settings
+    (score.scores.SHARED_FIELDS), or StoreMismatchError names the first that differs.
     """
     if len(queries) != len(out) or not queries:
         raise RapidinError(f"stream_scores: {len(queries)} query stores for {len(out)} outputs")
-    job = open_shard(tokens, model_path, settings, adapter, shard, n_shards, device, model_dtype)
+    job = open_shard(tokens, model_path, settings, adapter, shard, n_shards, device)
     array = array or vector_array(job.stamp)
-    chunks = job.chunks(settings.dtype, chunk_rows)
+    chunks = job.chunks()
     ids, torch_device = np.arange(job.start, job.stop), next(job.model.parameters()).device
     outputs = []  # (score store, its (Q, K) query vectors on the device)
     for query_store, target in zip(queries, out, strict=True):
@@ -68,6 +65,6 @@ def stream_scores(
                 write_scores(store, [(chunk, (query_vectors @ rows.T).cpu().numpy())])  # (Q, C)
 
     todo = sorted(set().union(*(store.remaining() for store, _ in outputs)))
-    job.compute(chunks, todo, batch_tokens, score, f"scores {Path(out[0]).name}")
+    job.compute(chunks, todo, score, f"scores {Path(out[0]).name}")
     for store, _ in outputs:
         finish_scores(store, ids)

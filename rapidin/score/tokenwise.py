@@ -3,7 +3,7 @@
 A per-token gradient is the gradient of one response token's loss, LN ∇ℓ_j. Under causal attention ℓ_j depends
 only on the tokens up to j, so it equals the mean-loss gradient of the sample's prefix ending at token j with a
 loss mask on token j alone. `TokenRows` views a tokenized dataset as these prefix rows, one per response token,
-and the sample machinery (grads.cache_gradients: token-budgeted batches, per-sample gradients from one
+and the sample machinery (cache.shard.cache_gradients: token-budgeted batches, per-sample gradients from one
 forward/backward per batch, the cache's compressor and settings) turns them into vectors comparable with the
 cached ones — exactly the per-token gradients with `compressor: none`, the same sketch of them otherwise.
 
@@ -40,7 +40,7 @@ from rapidin.store import atomic_file, check_agree, read_settings
 class TokenRows:
     """One row per response token of the chosen samples: the prefix ending at that token, loss on it alone.
 
-    Reads like a TokenizedDataset (`len`, `sample`, `length`, `loss_mask_of`, `settings`) for grads.
+    Reads like a TokenizedDataset (`len`, `sample`, `length`, `loss_mask_of`, `settings`) for cache.shard.
     `sample_index[r]` is row r's sample and `token_position[r]` its token's index in the response (0 = first).
     """
 
