@@ -3,8 +3,8 @@ scoring (`cache.store: false`) against caching on the same shard. Every call run
 so its peak resident memory is its own.
 
 - scoring: `score_shard` at N = n_min, 2·n_min, …, n_max rows × K (random float16 stores, page cache warm, each
-  deleted once measured); `scoring_linearity` is the largest relative deviation of the time per row from its
-  mean over the sweep (goal ≤ 0.1);
+  deleted once measured; best of `repeats` runs, as other jobs on the machine only ever add time);
+  `scoring_linearity` is the largest relative deviation of the time per row from its mean over the sweep (goal ≤ 0.1);
 - caching: `cache_gradients` on the caching benchmark's model at its samples and at `caching_factor` times as
   many (time per sample and peak memory at both);
 - on the fly: `stream_scores` on the larger shard, scoring `n_queries` query vectors; `stream_vs_cache_time` is
@@ -35,10 +35,11 @@ class ScaleSize:
     n_max: int = 1 << 20
     n_queries: int = 16
     caching_factor: int = 4
+    repeats: int = 3  # timed runs of score_shard per N (after one warm-up run), the best kept
 
 
 def scoring_sweep(root: Path, size: ScaleSize, device: str) -> dict[int, tuple[float, int]]:
-    """{N: (seconds, peak RSS bytes)} of score_shard, the page cache warm (as in scoring.py)."""
+    """{N: (seconds, peak RSS bytes)} of score_shard, the page cache warm (as in scoring.py), best of `repeats`."""
     queries = root / "queries.zarr"
     write_store(queries, size.n_queries, size.k, seed=1)
     sweep, n = {}, size.n_min
@@ -47,7 +48,13 @@ def scoring_sweep(root: Path, size: ScaleSize, device: str) -> dict[int, tuple[f
         write_store(cache, n, size.k)
         args = {"queries": str(queries), "cache": str(cache), "top_k": 100, "device": device}
         time_fresh("rapidin.score.scores.score_shard", out=str(root / f"warm-{n}.zarr"), **args)
-        sweep[n] = time_fresh("rapidin.score.scores.score_shard", out=str(root / f"scores-{n}.zarr"), **args)
+        runs = [
+            time_fresh("rapidin.score.scores.score_shard", out=str(root / f"scores-{n}-{r}.zarr"), **args)
+            for r in range(size.repeats)
+        ]
+        sweep[n] = min(runs)
+        for out in [f"warm-{n}.zarr", *(f"scores-{n}-{r}.zarr" for r in range(size.repeats))]:
+            shutil.rmtree(root / out)
         shutil.rmtree(cache)
         n *= 2
     return sweep
