@@ -135,6 +135,28 @@ def test_killed_scoring_resumes_from_its_last_chunk(reference, tmp_path, caplog)
     assert_same_store(out, expected)
 
 
+def test_scoring_starts_over_a_partial_scored_from_rows_of_another_dtype(reference, tmp_path, caplog):
+    """Scores killed a third in against the float16 cache, resumed against the same samples cached in float32
+    (`cache.dtype` changed): the partial's float16 scores are not kept; the result is that of a fresh run."""
+    wide = Path(shutil.copytree(reference, tmp_path / "wide.zarr"))
+    group = zarr.open_group(wide, mode="r+")
+    rng = np.random.default_rng(0)
+    for name in ("k1024", "k4096"):
+        rows = group[name][:].astype(np.float32)  # (N, K), then moved off the float16 grid
+        rows += rng.standard_normal(rows.shape, dtype=np.float32) * np.abs(rows).mean()
+        group.create_array(name, data=rows, chunks=(1, rows.shape[1]), compressors=None, overwrite=True)
+    group.attrs["rapidin"] = {**group.attrs["rapidin"], "dtype": "float32"}
+    args = ["score", "--queries", str(reference), "--top-k", "5"]
+    expected, out, partial = tmp_path / "expected.zarr", tmp_path / "scores.zarr", tmp_path / "scores.zarr.partial"
+    run_in_process(*args, "--cache", str(wide), "--out", str(expected))
+
+    assert run_and_kill([*args, "--cache", str(reference)], out, N_CHUNKS // 3, tmp_path / "killed.log") > 0
+    caplog.set_level(logging.INFO)
+    run_in_process(*args, "--cache", str(wide), "--out", str(out))
+    assert f"{partial} was made with other settings (cache_dtype): starting over" in caplog.text
+    assert_same_store(out, expected)
+
+
 def test_partial_store_made_otherwise_is_started_over_and_caching_is_deterministic(
     grads_args, reference, model_and_tokens, tmp_path, caplog
 ):

@@ -125,6 +125,7 @@ def open_scores(
         "queries": _fingerprint(query_vectors),
         "cache_rows": [int(ids[0]), int(ids[-1]) + 1],
         "cache_tokens": settings.get("tokens"),
+        "cache_dtype": settings.get("dtype"),  # rows rounded to it: a resume must not mix float16 and float32 rows
         "chunk_rows": chunk_rows,
     }
 
