@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import transformers
 import zarr
 
 from rapidin.data.records import read_records
@@ -337,3 +338,32 @@ def test_chat_records_need_the_chat_template(demo_tokenizer, tmp_path):
     tokens = _tokenize(tmp_path, [RECORD, CHAT[1]], demo_tokenizer, "chat")
     assert len(tokens) == 2 and np.all(tokens.offsets[1:] > tokens.offsets[:-1])
     assert zarr.open_group(tmp_path / "tokens.zarr", mode="r").attrs["rapidin"]["template"] == "chat"
+
+
+def test_training_averages_the_loss_over_every_assistant_turn(demo_tokenizer, tmp_path, monkeypatch):
+    """The demo and LoRA training take the loss the cache differentiates: on a two-turn conversation, the weights
+    of each step's loss are 1/n on the n next-token positions of both assistant turns (from the chat template's
+    rendering, _chat_reference) and 0 elsewhere."""
+    from rapidin.data.records import Record
+    from rapidin.data.tokenize import tokenize_record
+    from rapidin.experiments import train
+
+    record = read_records(_write_jsonl(tmp_path / "chat.jsonl", CHAT[:1]))[0]
+    assert isinstance(record, Record)
+    sample = tokenize_record(record, demo_tokenizer, "chat", 256)
+    ids, mask = _chat_reference(CHAT[0]["messages"], demo_tokenizer, (2, 4))
+    assert sample.ids == ids
+    seen = []
+    real = train.weighted_loss
+    monkeypatch.setattr(train, "weighted_loss", lambda logits, batch, w: seen.append(w) or real(logits, batch, w))
+    model = transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(
+            vocab_size=len(demo_tokenizer), hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+            num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
+        )
+    )  # fmt: skip
+    samples = [(sample.ids, sample.response_start, sample.loss_mask)]
+    train.train_on_samples(model, samples, demo_tokenizer.pad_token_id, 1, 1, 1e-3, 0, "test")
+    labels = np.array(mask[1:], dtype=float)  # position t predicts token t+1
+    np.testing.assert_allclose(seen[0][0].numpy(), labels / labels.sum())
+    assert np.array(mask)[: sample.response_start].any()  # the first turn carries loss too

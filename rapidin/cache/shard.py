@@ -20,14 +20,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import zarr
-from torch.nn.utils.rnn import pad_sequence
 
 from rapidin.data.tokenize import TokenizedDataset
 from rapidin.devices import job_device
 from rapidin.errors import RapidinError, StoreMismatchError
 from rapidin.gradients.capture import ActivationGradientCapture, math_dtype
 from rapidin.gradients.compress import SKETCH_VERSION, Compressor, make_compressor
-from rapidin.gradients.loss import Batch, collate, mean_weights, weighted_loss
+from rapidin.gradients.loss import Batch, masked_batch, weighted_loss
 from rapidin.gradients.model import (
     blocks_fingerprint,
     coverage,
@@ -288,9 +287,8 @@ def tokens_fingerprint(dataset, rows) -> str:
 
 def loss_batch(dataset, rows, pad_id: int, device) -> tuple[Batch, torch.Tensor]:
     """The dataset rows as one Batch on `device`, with (B, T-1) weights averaging each row's loss over its loss mask."""
-    batch = collate([dataset.sample(row) for row in rows], pad_id).to(device)
-    masks = pad_sequence([torch.from_numpy(dataset.loss_mask_of(row)) for row in rows], batch_first=True)
-    return batch, mean_weights(masks.to(device))
+    batch, weights = masked_batch([(*dataset.sample(row), dataset.loss_mask_of(row)) for row in rows], pad_id)
+    return batch.to(device), weights.to(device)
 
 
 def _chunk_gradients(

@@ -102,7 +102,7 @@ def train_demo_model(
     samples = []
     for record in records:
         sample = tokenize_record(record, tokenizer, template, max_length)
-        samples.append((sample.ids, sample.response_start))
+        samples.append((sample.ids, sample.response_start, sample.loss_mask))
 
     config = LlamaConfig(
         vocab_size=len(tokenizer),

@@ -101,7 +101,7 @@ def finetune_lora(
     samples = []
     for record in read_records(train_jsonl, fields=fields):
         sample = tokenize_record(record, tokenizer, template, max_length, on_long)
-        samples.append((sample.ids, sample.response_start))
+        samples.append((sample.ids, sample.response_start, sample.loss_mask))
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=list(target_modules))
     try:
         model = get_peft_model(model, config)

@@ -18,7 +18,7 @@ from transformers import get_cosine_schedule_with_warmup
 
 from rapidin.data.generate import attack_success_rate
 from rapidin.data.records import read_records
-from rapidin.gradients.loss import collate, weighted_loss
+from rapidin.gradients.loss import masked_batch, weighted_loss
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,8 @@ def train_on_samples(
     desc: str,
     on_epoch: Callable[[int, torch.optim.Optimizer, dict], None] | None = None,
 ) -> tuple[float, int]:
-    """Train the model's trainable parameters on (ids, response_start) samples; returns (last epoch's mean loss, steps).
+    """Train the model's trainable parameters on (ids, response_start, loss_mask) samples with the training loss
+    (loss.masked_batch); returns (last epoch's mean loss, steps).
 
     AdamW (weight decay 0.01), cosine schedule with 5 % warm-up, gradients clipped to norm 1, samples shuffled
     each epoch by a `seed`ed generator. The model is left in eval mode. After each epoch, `on_epoch(epoch, optimizer,
@@ -53,9 +54,10 @@ def train_on_samples(
             order.shuffle(indices)
             epoch_losses, epoch_lrs = [], []
             for start in range(0, len(indices), batch_size):
-                batch = collate([samples[i] for i in indices[start : start + batch_size]], pad_id).to(device)
+                batch, weights = masked_batch([samples[i] for i in indices[start : start + batch_size]], pad_id)
+                batch = batch.to(device)
                 logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-                loss = weighted_loss(logits, batch, batch.mean_response_weights).mean()
+                loss = weighted_loss(logits, batch, weights.to(device)).mean()
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, 1.0)

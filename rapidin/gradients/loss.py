@@ -49,6 +49,17 @@ def collate(samples: list[tuple], pad_id: int) -> Batch:
     return Batch(input_ids, attention_mask, target_mask)
 
 
+def masked_batch(samples: list[tuple], pad_id: int) -> tuple[Batch, torch.Tensor]:
+    """(ids, response_start, loss_mask) triples as one Batch and its (B, T-1) weights averaging each sample's loss
+    over its loss mask (every assistant turn of a training conversation; a query's targets): the training loss."""
+    batch = collate([(ids, start) for ids, start, _ in samples], pad_id)
+    width = batch.input_ids.shape[1]
+    masks = torch.zeros((len(samples), width), dtype=torch.bool)  # (B, T)
+    for row, (_, _, mask) in enumerate(samples):
+        masks[row, : len(mask)] = torch.as_tensor(mask, dtype=torch.bool)
+    return batch, mean_weights(masks)
+
+
 def token_losses(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
     """(B, T-1) cross-entropy of predicting token t+1 at position t; zero where t+1 is not a response label."""
     shifted = logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32))  # (B, T-1, V)
