@@ -91,7 +91,9 @@ def load_tokenizer(path: str):
 def load_model(path: str, adapter: str | None = None, dtype: torch.dtype = torch.float32, device="cpu"):
     """Load (model, tokenizer) in eval mode; errors name the config key at fault."""
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as transformers_logging
 
+    transformers_logging.disable_progress_bar()  # its "Loading weights" bar would fill every job's log
     tokenizer = load_tokenizer(path)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
