@@ -76,6 +76,8 @@ def print_table(caching_result: dict, scoring_result: dict, accuracy_result: dic
     print(f"scoring_vs_per_sample_loop {s['scoring_vs_per_sample_loop']:.1f}")
     print(f"stream_vs_cache_time {x['stream_vs_cache_time']:.3f}")
     print(f"scoring_linearity {x['scoring_linearity']:.3f}")
+    print(f"caching_linearity {x['caching_linearity']:.3f}")
+    print(f"caching_memory_growth {x['caching_memory_growth']:.3f}")
 
 
 def main() -> None:

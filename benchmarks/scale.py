@@ -5,8 +5,10 @@ so its peak resident memory is its own.
 - scoring: `score_shard` at N = n_min, 2·n_min, …, n_max rows × K (random float16 stores, page cache warm, each
   deleted once measured; best of `repeats` runs, as other jobs on the machine only ever add time);
   `scoring_linearity` is the largest relative deviation of the time per row from its mean over the sweep (goal ≤ 0.1);
-- caching: `cache_gradients` on the caching benchmark's model at its samples and at `caching_factor` times as
-  many (time per sample and peak memory at both);
+- caching: `cache_gradients` on the caching benchmark's model at its samples and at 2, 4, … up to `caching_factor`
+  times as many; `caching_linearity` is the largest relative deviation of their seconds from the least-squares line
+  a + b·N (a fixed cost per job: model load, RapidGrad's permutation; b per sample), `caching_memory_growth` the
+  peak memory at the most samples ÷ at the fewest;
 - on the fly: `stream_scores` on the larger shard, scoring `n_queries` query vectors; `stream_vs_cache_time` is
   its time ÷ that of `cache_gradients` on the same shard (both end to end, best of two interleaved runs; goal ≤ 1.1).
 """
@@ -72,7 +74,7 @@ def caching_and_stream(
     """{"caching": {samples: (seconds, peak)}, "stream": {samples: (seconds, peak)}}, best of two for the larger."""
     settings = CacheSettings(k=(caching_size.k,), batch_tokens=caching_size.batch_tokens, model_dtype=model_dtype)
     result = {"caching": {}, "stream": {}}
-    for factor in sorted({1, size.caching_factor}):
+    for factor in factors(size.caching_factor):
         n, folder = caching_size.n_samples * factor, root / f"x{factor}"
         folder.mkdir()
         model, tokens = make_project(folder, dataclasses.replace(caching_size, n_samples=n))
@@ -96,8 +98,20 @@ def caching_and_stream(
     return result
 
 
+def factors(largest: int) -> list[int]:
+    """1, 2, 4, … up to `largest` (and it)."""
+    return sorted({1 << i for i in range(largest.bit_length()) if 1 << i <= largest} | {largest})
+
+
+def affine_deviation(timed: dict[int, tuple[float, int]]) -> float:
+    """The largest relative deviation of seconds from their least-squares line a + b·N over the sizes N."""
+    n, seconds = np.array(list(timed), dtype=float), np.array([s for s, _ in timed.values()])
+    b, a = np.polyfit(n, seconds, 1)
+    return float(np.abs(seconds - (a + b * n)).max() / seconds.min())
+
+
 def run(root: Path, size: ScaleSize, caching_size: CachingSize, device: str = "cpu", model_dtype: str = "float32"):
-    """The scoring sweep and its linearity, caching at 1× and caching_factor× samples, and stream ÷ caching."""
+    """The scoring sweep and its linearity, caching at 1×, 2×, … caching_factor× samples, and stream ÷ caching."""
     (root / "scoring").mkdir()
     (root / "caching").mkdir()
     sweep = scoring_sweep(root / "scoring", size, device)
@@ -110,5 +124,7 @@ def run(root: Path, size: ScaleSize, caching_size: CachingSize, device: str = "c
         "caching": timed["caching"],
         "stream": timed["stream"],
         "scoring_linearity": linearity(sweep),
+        "caching_linearity": affine_deviation(timed["caching"]),
+        "caching_memory_growth": timed["caching"][n][1] / min(timed["caching"].items())[1][1],
         "stream_vs_cache_time": timed["stream"][n][0] / timed["caching"][n][0],
     }
