@@ -6,7 +6,8 @@ import torch
 
 from rapidin.cache.shard import _chunk_gradients, sample_gradients
 from rapidin.errors import RapidinError
-from rapidin.gradients.compress import ExactCompressor
+from rapidin.gradients.capture import ActivationGradientCapture, Outer, math_dtype
+from rapidin.gradients.compress import ExactCompressor, dense_gradient
 from rapidin.gradients.loss import collate, weighted_loss
 from rapidin.gradients.model import parameter_blocks, select_modules
 
@@ -66,3 +67,85 @@ def test_a_non_finite_gradient_is_an_error_naming_its_row_or_a_skipped_nan_row(m
     batch = collate(clean, pad_id=0)
     want = sample_gradients(model64, modules, exact, batch, batch.mean_response_weights)["exact"]
     np.testing.assert_allclose(got[[0, 2, 4]], want.numpy(), rtol=1e-6, atol=1e-9)  # stored as fp32
+
+
+class Toy(torch.nn.Module):
+    """Embedding → `layer` (applied `repeat` times) → a norm called with `norm_args`, as a model's forward."""
+
+    def __init__(self, repeat=1, norm_args=lambda x: ((x,), {})):
+        super().__init__()
+        self.embed, self.layer, self.norm = torch.nn.Embedding(10, 4), torch.nn.Linear(4, 4), Norm()
+        self.repeat, self.norm_args = repeat, norm_args
+
+    def get_input_embeddings(self):
+        return self.embed
+
+    def forward(self, input_ids):
+        x = self.embed(input_ids)
+        for _ in range(self.repeat):
+            x = self.layer(x)
+        args, kwargs = self.norm_args(x)
+        return self.norm(*args, **kwargs)
+
+
+class Norm(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.linspace(0.5, 2.0, 4))
+
+    def forward(self, x, scale=1.0):
+        return x * self.weight * scale
+
+
+def capture_toy(model, dtype=torch.float32):
+    model = model.to(dtype)
+    modules = select_modules(model)
+    terms = []
+    with ActivationGradientCapture(model, modules, parameter_blocks(modules), lambda *term: terms.append(term)):
+        model(torch.tensor([[1, 2, 3], [4, 5, 1]])).sum().backward()
+    return terms
+
+
+@pytest.mark.parametrize(
+    ("toy", "message"),
+    [
+        (Toy(repeat=2), r"^model\.modules: layer runs twice in one forward"),
+        (
+            Toy(norm_args=lambda x: ((x, 2.0), {})),
+            r"^model\.modules: cannot capture per-sample gradients of norm \(Norm\)",
+        ),
+        (Toy(norm_args=lambda x: ((x,), {"scale": 2.0})), r"cannot capture per-sample gradients of norm"),
+    ],
+)
+def test_a_module_run_twice_or_called_with_more_than_one_tensor_is_refused(toy, message):
+    """The error leaves the model as it was: trainable parameters trainable again, a frozen one still frozen."""
+    other = torch.nn.Parameter(torch.ones(1), requires_grad=False)
+    toy.register_parameter("unused", other)
+    with pytest.raises(RapidinError, match=message):
+        capture_toy(toy)
+    assert all(p.requires_grad for n, p in toy.named_parameters() if n != "unused") and not other.requires_grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_terms_arrive_in_the_math_dtype_and_equal_autograd(dtype):
+    """fp32 math for fp32 and bf16 models, fp64 for fp64 ones: the toy's per-sample gradients (embedding rows,
+    linear weight and bias, the norm's weight by vmap of vjp) against one autograd backward per sample."""
+    torch.manual_seed(0)
+    model = Toy().to(dtype)
+    want_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    assert math_dtype(model) == want_dtype
+    terms = capture_toy(model, dtype)
+    assert [block.name for block, _ in terms] == ["norm.weight", "layer.weight", "layer.bias", "embed.weight"]
+    for _, term in terms:
+        values = [term.left, term.right] if isinstance(term, Outer) else [term]
+        assert all(v.dtype == want_dtype for v in values if v.is_floating_point())
+    got = {block.name: dense_gradient([term], block.shape) for block, term in terms}
+    reference = Toy().to(torch.float64)
+    reference.load_state_dict(model.state_dict())
+    ids = torch.tensor([[1, 2, 3], [4, 5, 1]])
+    for b in range(2):
+        params = dict(reference.named_parameters())
+        grads = torch.autograd.grad(reference(ids[b : b + 1]).sum(), list(params.values()))
+        for name, grad in zip(params, grads, strict=True):
+            tolerance = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-2, atol=1e-2)
+            torch.testing.assert_close(got[name][b].double(), grad.flatten(), **tolerance)

@@ -9,7 +9,7 @@ from rapidin.errors import RapidinError
 from rapidin.gradients.capture import ActivationGradientCapture, Outer
 from rapidin.gradients.compress import ExactCompressor, FactoredCompressor, dense_gradient, make_compressor, outer_norms
 from rapidin.gradients.loss import collate, weighted_loss
-from rapidin.gradients.model import parameter_blocks, select_modules
+from rapidin.gradients.model import Block, parameter_blocks, select_modules
 
 from .conftest import random_samples, tiny_llama
 
@@ -114,3 +114,26 @@ def test_same_seed_same_sketch_other_seed_other_sketch():
 def test_bad_rank_is_refused():
     with pytest.raises(RapidinError, match=r"cache\.rank"):
         make_compressor("factored", parameter_blocks(select_modules(tiny_llama())), [], 0, rank=0)
+
+
+def test_projections_are_fair_signs_over_root_rank_keyed_by_seed_and_offset():
+    """Sketching the unit vectors e_i of a dense block reads its P (rank, n) column by column: every entry ±1/√rank,
+    fair coins, so each column has norm 1 (E[PᵀP] = I); P depends on (seed, block offset), not on other blocks."""
+    rank, n = 8, 500
+    first, second = (Block(((f"m{i}", "weight"),), (n,), i * n, False) for i in range(2))
+
+    def projection(blocks, block, seed=0):
+        compressor = FactoredCompressor(blocks, rank, seed, normalize=False)
+        compressor.start(n, "cpu", torch.float64)
+        for each in blocks:
+            compressor.receive(each, torch.eye(n, dtype=torch.float64) if each is block else torch.zeros(n, n))
+        return compressor.finish()["factored"][:, compressor.slots[block]].T  # (rank, n)
+
+    p = projection([first, second], second)
+    assert p.shape == (rank, n)
+    torch.testing.assert_close(p.abs(), torch.full_like(p, rank**-0.5), rtol=1e-15, atol=0)
+    assert abs(p.sign().mean().item()) < 5 / (rank * n) ** 0.5
+    torch.testing.assert_close(p.norm(dim=0), torch.ones(n, dtype=torch.float64))
+    assert torch.equal(projection([second], second), p)  # keyed by its offset, whatever comes before
+    assert not torch.equal(projection([first, second], first), p)  # another offset: other signs
+    assert not torch.equal(projection([first, second], second, seed=1), p)

@@ -14,12 +14,14 @@ from rapidin.cache.shard import _chunk_gradients
 from rapidin.data.generate import complete_queries, generate
 from rapidin.data.records import Record
 from rapidin.data.tokenize import TokenizedDataset, prompt_ids, response_pieces, target_mask, tokenize_record
-from rapidin.errors import DataError
+from rapidin.errors import DataError, StoreMismatchError
 from rapidin.experiments.demo_model import train_tokenizer
 from rapidin.gradients.compress import ExactCompressor, RapidGradCompressor
 from rapidin.gradients.loss import collate, weighted_loss
 from rapidin.gradients.model import load_model, parameter_blocks, select_modules
-from rapidin.score.tokenwise import TokenRows
+from rapidin.score.scores import SIDES
+from rapidin.score.tokenwise import TokenRows, attribute_tokens
+from rapidin.score.tokenwise import top_samples as top_samples_of
 
 from .conftest import random_samples, tiny_llama
 from .workflow import copy_workflow, snakemake
@@ -275,3 +277,114 @@ def test_tokens_jsonl_numbers_are_the_inner_products_of_the_cached_vectors(tiny_
             close([t["score"] for t in sample["tokens"]], own[: len(sample["tokens"])] @ queries[q])
             close(sample["query_token_scores"], query_tokens[rows] @ train[sample["index"]])
             close(sample["token_matrix"], own[: len(sample["tokens"])] @ query_tokens[rows].T)
+
+
+def token_store(path, settings, arrays: dict) -> str:
+    group = zarr.open_group(path, mode="w")
+    for name, data in arrays.items():
+        group.create_array(name, data=data)
+    group.attrs["rapidin"] = settings
+    return str(path)
+
+
+def four_digits(value: float) -> bool:
+    return value == float(f"{value:.4g}")
+
+
+def test_tokens_jsonl_holds_the_inner_products_of_the_per_token_vectors(tokenizer, tmp_path):
+    """tokens.jsonl from hand-built stores, every number recomputed in fp64 from the vectors (method.md §2): a
+    token's score is its mean score against the query's first 5 helpful samples, its `top` the row's top ids
+    without the -1 fill, a sample token's score ⟨LN ∇ℓ_j(s), g(t)⟩, the matrix ⟨LN ∇ℓ_j(s), LN ∇ℓ_i(t)⟩."""
+    model = tmp_path / "model"
+    tokenizer.save_pretrained(model)
+    (model / "config.json").write_text('{"model_type": "llama"}')
+    generator = np.random.default_rng(0)
+    settings, k = {"compressor": "rapidgrad", "k": [4, 8], "seed": 0}, 8  # scored array: the largest K
+    texts = ["The capital of Canada is Ottawa.", "Howdy partner!", "über café", "I am a cowboy bot."]
+    outputs = [texts[i % 4] for i in range(14)]  # training samples 0…13
+    lengths = [len(response_pieces(text, tokenizer)) for text in outputs]
+    lengths[3] = 2  # sample 3 cut by data.max_length: its first 2 tokens only
+    train_rows = np.repeat(np.arange(14), lengths)
+    train_tokens = generator.standard_normal((len(train_rows), k)).astype(np.float32)
+    query_outputs = ["Ottawa is the capital of Canada.", "Howdy! über café"]
+    query_rows = np.repeat([0, 1], [len(response_pieces(text, tokenizer)) for text in query_outputs])
+    query_tokens = generator.standard_normal((len(query_rows), k)).astype(np.float32)
+    query_vectors = generator.standard_normal((2, k)).astype(np.float32)
+    scores = generator.standard_normal((len(query_rows), 14)).astype(np.float32)
+    top_ids = generator.integers(0, 14, (len(query_rows), 7))
+    top_ids[:, 0], top_ids[0, 1], top_ids[1, 2:] = 0, -1, -1  # sample 0 is a real id; -1 fills short rows
+    top_scores = generator.standard_normal(top_ids.shape).astype(np.float32)
+    stores = {
+        "queries": {"k8": query_vectors, "k4": query_vectors[:, :4]},
+        "query_tokens": {"k8": query_tokens, "sample_index": query_rows},
+        "train_tokens": {"k8": train_tokens, "sample_index": train_rows},
+        "token_scores": {"scores": scores, "top_ids": top_ids, "top_scores": top_scores},
+    }
+    paths = {name: token_store(tmp_path / f"{name}.zarr", settings, arrays) for name, arrays in stores.items()}
+
+    def side(indices):
+        return [
+            {"index": int(i), "id": f"s{i}", "rank": r, "score": 0.5 - r, "output": outputs[i]}
+            for r, i in enumerate(indices)
+        ]
+
+    entries = [  # query 1 first: lines follow topk.jsonl, not query order
+        {
+            "query": {"index": 1, "id": "q1", "output": query_outputs[1]},
+            "helpful": side([5, 3, 0, 9, 2, 7]),
+            "harmful": side([13, 1, 12, 4, 11, 6]),
+        },
+        {
+            "query": {"index": 0, "id": "q0", "output": query_outputs[0]},
+            "helpful": side([2, 8, 6]),
+            "harmful": side([10]),
+        },
+    ]
+    topk = tmp_path / "topk.jsonl"
+    write_lines(topk, entries)
+    assert top_samples_of(topk, 2) == [1, 2, 3, 5, 8, 10, 13]
+    out = tmp_path / "tokens.jsonl"
+    args = [str(topk), paths["token_scores"], paths["queries"], paths["query_tokens"], paths["train_tokens"]]
+    attribute_tokens(*args, str(model), str(out))
+
+    def close(got, want) -> None:
+        got = np.asarray(got, dtype=np.float64)
+        assert all(four_digits(v) for v in got.ravel()), got  # rounded to 4 significant digits
+        np.testing.assert_allclose(got, want, rtol=6e-4, atol=1e-30)
+
+    lines = [json.loads(line) for line in out.open()]
+    assert len(lines) == 2
+    for line, entry in zip(lines, entries, strict=True):
+        q = entry["query"]["index"]
+        assert line["query"] == {"index": q, "id": f"q{q}"}
+        rows = np.flatnonzero(query_rows == q)
+        per_token = query_tokens[rows].astype(np.float64)  # (R, K)
+        helpful = [s["index"] for s in entry["helpful"][:5]]
+        assert "".join(t["text"] for t in line["tokens"]) == query_outputs[q] + tokenizer.eos_token
+        close([t["score"] for t in line["tokens"]], scores[rows][:, helpful].astype(np.float64).mean(axis=1))
+        for token, row in zip(line["tokens"], rows, strict=True):
+            kept = [j for j in range(5) if top_ids[row, j] >= 0]
+            assert [t["index"] for t in token["top"]] == top_ids[row, kept].tolist()
+            close([t["score"] for t in token["top"]], top_scores[row, kept])
+        for name in SIDES:
+            assert [s["index"] for s in line[name]] == [s["index"] for s in entry[name][:5]]
+            for sample, given in zip(line[name], entry[name][:5], strict=True):
+                assert {key: sample[key] for key in ("index", "id", "rank", "score")} == {
+                    key: given[key] for key in ("index", "id", "rank", "score")
+                }
+                own = train_tokens[train_rows == given["index"]].astype(np.float64)  # (R_s, K)
+                pieces = [t["text"] for t in sample["tokens"]]
+                assert pieces == response_pieces(given["output"], tokenizer)[: len(own)]
+                close([t["score"] for t in sample["tokens"]], own @ query_vectors[q].astype(np.float64))
+                close(sample["query_token_scores"], scores[rows, given["index"]])
+                close(sample["token_matrix"], own @ per_token.T)
+                assert np.shape(sample["token_matrix"]) == (len(own), len(rows))
+
+    attribute_tokens(*args, str(model), str(out), top_samples=1)
+    first = json.loads(out.open().readline())
+    assert [s["index"] for s in first["helpful"] + first["harmful"]] == [5, 13]
+    assert all(len(t["top"]) == 1 for t in first["tokens"])  # the row's top 1, sample 0 for every row
+
+    token_store(tmp_path / "train_tokens.zarr", {**settings, "seed": 1}, stores["train_tokens"])
+    with pytest.raises(StoreMismatchError, match=r"train_tokens\.zarr was made with seed=1"):
+        attribute_tokens(*args, str(model), str(out))
