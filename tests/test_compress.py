@@ -65,7 +65,8 @@ def test_make_compressor_builds_the_named_one():
     blocks = dense_blocks((40,), (30,))
     sketch = make_compressor("rapidgrad", blocks, [8, 32], seed=3, normalize=False)
     assert isinstance(sketch, RapidGradCompressor) and sketch.sketch.ks == [8, 32] and sketch.sketch.seed == 3
-    assert sketch.arrays == {"k8": 8, "k32": 32} and not sketch.normalize and sketch.dim == 70
+    assert sketch.normalize is False  # passed on as given
+    assert sketch.arrays == {"k8": 8, "k32": 32} and sketch.dim == 70
     factored = make_compressor("factored", blocks, [], seed=4)
     assert isinstance(factored, FactoredCompressor) and factored.rank == 16 and factored.seed == 4
     assert factored.normalize and factored.arrays == {"factored": 32}  # rank numbers per dense block
