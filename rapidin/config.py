@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import copy
 import functools
+import hashlib
 import os
+import re
 from importlib.resources import files
 from pathlib import Path
 
@@ -24,6 +26,7 @@ from rapidin.methods import parse_method
 
 SCHEMA = files("rapidin") / "config.schema.yaml"
 BUILT_MODELS = ("demo", "smollm2")  # model.path values the workflow builds itself
+PRECONDITION_MAX_DIM = 1 << 13  # rapidin.score.precondition.MAX_DIM (not imported: it loads torch)
 
 
 def _types(schema: dict) -> set[str]:
@@ -92,7 +95,15 @@ def check_schema(config: dict) -> None:
     """Raise RapidinError naming the first offending key in one line (Snakemake's own report dumps the schema)."""
     error = best_match(_validator().iter_errors(config))
     if error is not None:
-        raise RapidinError(f"{'.'.join(map(str, error.absolute_path)) or 'config'}: {error.message}")
+        raise RapidinError(f"{key_name(error.absolute_path)}: {error.message}")
+
+
+def key_name(path) -> str:
+    """A config key from its path: model.checkpoints[0].path (list positions in brackets); `config` for the root."""
+    name = ""
+    for part in path:
+        name += f"[{part}]" if isinstance(part, int) else f".{part}" if name else str(part)
+    return name or "config"
 
 
 def validate_config(config: dict) -> None:
@@ -115,6 +126,12 @@ def _check_values(config: dict) -> None:
             raise RapidinError(f"cache.k: {k} is not a power of two")
     if model["path"] == "demo" and model["adapter"]:
         raise RapidinError("model.adapter: the embedded demo model takes no adapter")
+    if cache["optimizer"] != "none" and cache["compressor"] == "factored":
+        raise RapidinError(
+            f"cache.optimizer: {cache['optimizer']} needs the gradients themselves, which compressor factored never "
+            "builds; use cache.compressor rapidgrad or none"
+        )
+    _check_checkpoints(config)
     if experiment["methods"] and not cache["store"]:
         raise RapidinError("cache.store: the experiments score stored caches; set it true")
     if experiment["methods"] and not experiment["study"]:
@@ -131,6 +148,41 @@ def _check_values(config: dict) -> None:
             )
         if parsed.k is not None and not cache["normalize"]:
             raise RapidinError(f"experiment.methods: {method} needs cache.normalize true")
+        if parsed.precondition and parsed.k > PRECONDITION_MAX_DIM:
+            raise RapidinError(
+                f"experiment.methods: {method}: preconditioning needs K ≤ {PRECONDITION_MAX_DIM} (add it to cache.k)"
+            )
+        if parsed.checkpoints and not model["checkpoints"]:
+            raise RapidinError(f"experiment.methods: {method} sums over model.checkpoints, but there are none")
+        if parsed.adam and cache["compressor"] == "factored" and parsed.k is not None:
+            raise RapidinError(f"experiment.methods: {method} needs cache.compressor rapidgrad")
+
+
+def checkpoint_name(path: str) -> str:
+    """The workflow's name of a model.checkpoints directory (wildcard `ckpt`, results/<name>/checkpoints/<ckpt>/):
+    its last path component, made safe, and 8 hex digits of a hash of the path as written — stable when other
+    checkpoints are added or removed."""
+    normal = os.path.normpath(path)
+    stem = re.sub(r"[^A-Za-z0-9_.-]", "_", os.path.basename(normal)).lstrip(".") or "checkpoint"
+    return f"{stem}-{hashlib.sha256(normal.encode()).hexdigest()[:8]}"
+
+
+CHECKPOINT_NAME_PATTERN = r"[A-Za-z0-9_-][A-Za-z0-9_.-]*-[0-9a-f]{8}"  # checkpoint_name's
+
+
+def _check_checkpoints(config: dict) -> None:
+    """model.checkpoints: distinct directories, scored from stored caches."""
+    seen = {}
+    for i, entry in enumerate(config["model"]["checkpoints"]):
+        path = os.path.normpath(entry["path"])
+        if path in seen:
+            raise RapidinError(f"model.checkpoints[{i}]: {entry['path']} is model.checkpoints[{seen[path]}] again")
+        seen[path] = i
+    if config["model"]["checkpoints"] and not config["cache"]["store"]:
+        raise RapidinError("model.checkpoints: checkpoints are scored from stored caches; set cache.store true")
+    lrs = [entry.get("lr") for entry in config["model"]["checkpoints"]]
+    if lrs and all(lr is not None for lr in lrs) and sum(lrs) == 0:
+        raise RapidinError("model.checkpoints: every lr is 0")
 
 
 def _check_inputs(config: dict) -> None:
@@ -146,3 +198,18 @@ def _check_inputs(config: dict) -> None:
             continue
         if not os.path.exists(path):
             raise RapidinError(f"{key}: no such file or directory: {path}")
+    marker = "adapter_config.json" if config["model"]["adapter"] else "config.json"
+    for i, entry in enumerate(config["model"]["checkpoints"]):
+        path = entry["path"]
+        if produced in Path(os.path.normpath(path)).parents:
+            continue
+        if not os.path.isdir(path):
+            raise RapidinError(f"model.checkpoints[{i}]: no such directory: {path}")
+        if not os.path.isfile(os.path.join(path, marker)):
+            kind = "an adapter (model.adapter is set)" if config["model"]["adapter"] else "a model"
+            raise RapidinError(f"model.checkpoints[{i}]: {path} is not {kind} directory (no {marker})")
+    entries = config["model"]["checkpoints"]
+    if entries and all(os.path.isdir(entry["path"]) for entry in entries):  # else: when the workflow has built them
+        from rapidin.score.checkpoints import resolve_checkpoints  # (loads zarr and torch: only when needed)
+
+        resolve_checkpoints(entries)  # their weights: given, logged in trainer_state.json, or equal

@@ -19,6 +19,7 @@ __all__ = [
     "FinetuneSettings",
     "GenerateSettings",
     "LissaSettings",
+    "PreconditionSettings",
     "ReportSettings",
     "ScoreSettings",
     "SwapSettings",
@@ -67,6 +68,11 @@ class CacheSettings:
     batch_tokens: int = setting("cache.batch_tokens", 8192, "token budget of one batch (batch size x longest)")
     chunk_rows: int | None = setting("cache.chunk_rows", None, "rows written and resumed at a time (None: ~16 MiB)")
     model_dtype: str = setting("model.dtype", "auto", "model math dtype: auto (bfloat16 on GPU), float32, ...")
+    optimizer: str = setting(
+        "cache.optimizer",
+        "none",
+        "none, or adam: each gradient divided elementwise by sqrt(v_hat) + eps of the model's (adapter's) optimizer.pt",
+    )
 
 
 @dataclass(frozen=True)
@@ -165,3 +171,15 @@ class LissaSettings:
     damping: float = setting("experiment.lissa.damping", 0.01, "adds damping x scale to the Hessian's diagonal")
     batch_size: int = setting("experiment.lissa.batch_size", 8, "training samples per Hessian-vector product")
     seed: int = setting("experiment.lissa.seed", 0, "seed of the batch sampling")
+
+
+@dataclass(frozen=True)
+class PreconditionSettings:
+    """Preconditioned queries (C + λI)⁻¹ q in the compressed space (methods ending in _pre; score.precondition)."""
+
+    damping: float = setting(
+        "experiment.precondition.damping", 0.1, "λ as a fraction of the mean eigenvalue tr(C)/K' of the covariance C"
+    )
+    max_rows: int | None = setting(
+        "experiment.precondition.max_rows", None, "training rows C is estimated from (None: all of them)"
+    )

@@ -13,6 +13,7 @@ import logging
 from dataclasses import asdict
 from typing import NewType
 
+from rapidin.errors import RapidinError
 from rapidin.settings import (
     CacheSettings,
     DataSettings,
@@ -21,6 +22,7 @@ from rapidin.settings import (
     FinetuneSettings,
     GenerateSettings,
     LissaSettings,
+    PreconditionSettings,
     ReportSettings,
     ScoreSettings,
     SwapSettings,
@@ -288,6 +290,25 @@ def merge(shards: list[Store], queries: Store, out: Store) -> None:
     merge_scores(shards, queries, out)
 
 
+def combine(scores: list[Store], checkpoints: str, out: Store) -> None:
+    """several checkpoints' merged scores as their lr-weighted sum (TracInCP), with each row's top-k and bottom-k
+
+    Args:
+        scores: each checkpoint's merged score store, in the order of checkpoints
+        checkpoints: model.checkpoints as a JSON array of {"path", "lr"} (no lr: from trainer_state.json, else equal)
+        out: the combined score store to write
+    """
+    from rapidin.score.checkpoints import combine_scores, resolve_checkpoints
+
+    entries = json.loads(checkpoints)
+    if len(entries) != len(scores):
+        raise RapidinError(f"model.checkpoints: {len(entries)} checkpoints but {len(scores)} score stores")
+    resolved = resolve_checkpoints(entries)
+    for checkpoint in resolved:
+        log.info("checkpoint %s: weight %.6g", checkpoint.path, checkpoint.lr)
+    combine_scores(list(scores), [c.lr for c in resolved], out)
+
+
 def topk(scores: Store, train: str, queries: str, out: str, data: DataSettings = DataSettings()) -> None:
     """topk.jsonl: per query, its most helpful and harmful samples with their texts
 
@@ -429,6 +450,28 @@ def lissa(
     lissa_queries(queries, tokens, model, out, adapter=adapter, **asdict(lissa))
 
 
+def precondition(
+    queries: Store,
+    caches: list[Store],
+    out: Store,
+    array: str | None = None,
+    settings: PreconditionSettings = PreconditionSettings(),
+    device: str = "auto",
+) -> None:
+    """the query vectors preconditioned by the training vectors' damped covariance, (C + λI)⁻¹ q
+
+    Args:
+        queries: the query store
+        caches: the training cache shards C is estimated from
+        out: the preconditioned query store to write (score it with the same array)
+        array: which vectors (at most 8192 numbers; default: the one scored by default)
+        device: cpu, cuda, cuda:N or auto (a free GPU if any)
+    """
+    from rapidin.score.precondition import precondition_queries
+
+    precondition_queries(queries, list(caches), out, array, settings.damping, settings.max_rows, device)
+
+
 def table(
     study: str,
     methods: list[str],
@@ -496,6 +539,7 @@ STEPS = [
     score,
     stream,
     merge,
+    combine,
     topk,
     complete_queries,
     tokenwise,
@@ -503,6 +547,7 @@ STEPS = [
     baseline,
     make_error_tracing_data,
     lissa,
+    precondition,
     table,
     report,
 ]

@@ -105,6 +105,16 @@ def test_combined_scores_equal_the_lr_weighted_sum_of_exact_checkpoint_scores(mo
     with pytest.raises(StoreMismatchError, match="top_k"):
         combine_scores([stores[0], str(other_k)], [1.0, 1.0], str(tmp_path / "refused.zarr"))
 
+    for i, state in enumerate(("a1", "b2")):  # cache.optimizer adam: each checkpoint has its own Adam state
+        group = zarr.open_group(stores[i], mode="r+")
+        group.attrs["rapidin"] = {**group.attrs["rapidin"], "optimizer": "adam", "optimizer_state": state}
+    combine_scores(stores, [1.0, 1.0], str(tmp_path / "adam.zarr"))
+    sources = zarr.open_group(tmp_path / "adam.zarr", mode="r").attrs["rapidin"]["checkpoints"]
+    assert [c["optimizer_state"] for c in sources] == ["a1", "b2"]
+    group.attrs["rapidin"] = {**group.attrs["rapidin"], "optimizer": None}  # but not plain with optimizer-aware
+    with pytest.raises(StoreMismatchError, match="optimizer"):
+        combine_scores(stores, [1.0, 1.0], str(tmp_path / "mixed.zarr"))
+
 
 def test_checkpoint_weights_default_to_equal(model_and_tokens, tmp_path):
     paths = [make_checkpoint(tmp_path, f"c{i}", i, model_and_tokens / "model") for i in range(4)]
@@ -158,3 +168,104 @@ def test_bad_checkpoint_lists_are_refused_naming_the_entry(entries, message, mod
     monkeypatch.chdir(tmp_path)
     with pytest.raises(RapidinError, match=message):
         resolve_checkpoints(entries)
+
+
+@pytest.mark.parametrize(
+    ("model", "cache", "message"),
+    [
+        ({"checkpoints": [{"path": "A"}, {"path": "NONE"}]}, {}, r"^model\.checkpoints\[1\]: no such directory: NONE$"),
+        (
+            {"checkpoints": [{"path": "A"}, {"path": "./A"}]},
+            {},
+            r"^model\.checkpoints\[1\]: \./A is model\.checkpoints\[0\] again$",
+        ),
+        (
+            {"checkpoints": [{"path": "EMPTY"}]},
+            {},
+            r"^model\.checkpoints\[0\]: EMPTY is not a model directory \(no config\.json\)$",
+        ),
+        (
+            {"path": "B", "adapter": "A", "checkpoints": [{"path": "A"}]},
+            {},
+            r"^model\.checkpoints\[0\]: A is not an adapter .*adapter_config",
+        ),
+        ({"checkpoints": [{"path": "A", "lr": "fast"}]}, {}, r"^model\.checkpoints\[0\]\.lr: 'fast' is not of type"),
+        (
+            {"checkpoints": [{"path": "A", "lr": -1}]},
+            {},
+            r"^model\.checkpoints\[0\]\.lr: -1 is less than the minimum of 0$",
+        ),
+        ({"checkpoints": [{"path": "A", "epoch": 1}]}, {}, r"^model\.checkpoints\[0\]: Additional properties"),
+        ({"checkpoints": [{"lr": 1.0}]}, {}, r"^model\.checkpoints\[0\]: 'path' is a required property$"),
+        ({"checkpoints": {"path": "A"}}, {}, r"^model\.checkpoints: .* is not of type 'array'$"),
+        (
+            {"checkpoints": [{"path": "A", "lr": 0.1}, {"path": "B"}]},
+            {},
+            r"^model\.checkpoints\[1\]: no lr and no learning_rate",
+        ),
+        ({"checkpoints": [{"path": "A", "lr": 0}]}, {}, r"^model\.checkpoints: every lr is 0$"),
+        ({"checkpoints": [{"path": "A"}]}, {"store": False}, r"^model\.checkpoints: .*set cache\.store true$"),
+        (
+            {},
+            {"optimizer": "adam", "compressor": "factored"},
+            r"^cache\.optimizer: adam needs the gradients themselves",
+        ),
+        ({}, {"optimizer": "sgd"}, r"^cache\.optimizer: 'sgd' is not one of \['none', 'adam'\]$"),
+    ],
+)
+def test_bad_checkpoint_and_optimizer_configs_are_refused_in_one_line(model, cache, message, model_and_tokens, tmp_path,
+                                                                       monkeypatch):  # fmt: skip
+    from rapidin.config import validate_config
+
+    for name in ("A", "B"):
+        make_checkpoint(tmp_path, name, 0, model_and_tokens / "model")
+    (tmp_path / "EMPTY").mkdir()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(RapidinError, match=message) as refused:
+        validate_config({"model": model, "cache": cache})
+    assert "\n" not in str(refused.value)
+
+
+def test_checkpoints_the_workflow_builds_are_checked_when_it_has(tmp_path, monkeypatch):
+    """The demo's checkpoints do not exist before the demo is trained: the config is accepted, the lr read later."""
+    from rapidin.config import validate_config
+
+    monkeypatch.chdir(tmp_path)
+    config = {"model": {"checkpoints": [{"path": "results/demo/demo_model/checkpoint-1"}]}}
+    validate_config(config)
+    assert config["model"]["checkpoints"] == [{"path": "results/demo/demo_model/checkpoint-1"}]
+    assert config["cache"]["optimizer"] == "none"
+
+
+@pytest.mark.parametrize(
+    ("methods", "cache", "message"),
+    [
+        (
+            ["rapidin_k4096_cp"],
+            {"k": 4096},
+            r"^experiment\.methods: rapidin_k4096_cp sums over model\.checkpoints, but",
+        ),
+        (["tracin_adam"], {}, r"^experiment\.methods: tracin_adam: _adam applies to tracin_ln and rapidin"),
+        (["tracin_ln_pre"], {}, r"^experiment\.methods: tracin_ln_pre: _pre applies to rapidin_k<K>"),
+        (["rapidin_k65536_pre"], {}, r"^experiment\.methods: rapidin_k65536_pre: preconditioning needs K ≤ 8192"),
+        (["rapidin_k4096_cp_adam"], {"k": 4096}, r"^experiment\.methods: unknown method 'rapidin_k4096_cp_adam'"),
+        (["lissa_cp"], {}, r"^experiment\.methods: unknown method 'lissa_cp'"),
+    ],
+)
+def test_method_suffixes_are_checked_with_the_config(methods, cache, message, tmp_path, monkeypatch):
+    from rapidin.config import validate_config
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(RapidinError, match=message):
+        validate_config({"cache": cache, "experiment": {"study": "backdoor", "methods": methods}})
+
+
+def test_method_grammar():
+    from rapidin.methods import Method, parse_method
+
+    assert parse_method("rapidin_k4096_seed2_adam_pre_cp") == Method(
+        "rapidin_k4096_seed2_adam_pre_cp", 4096, 2, adam=True, precondition=True, checkpoints=True
+    )
+    assert parse_method("tracin_ln_adam_cp").single == "tracin_ln_adam"
+    assert parse_method("tracin_ln_adam_cp").base == "tracin_ln"
+    assert parse_method("rapidin_k4096").plain and not parse_method("rapidin_k4096_cp").plain

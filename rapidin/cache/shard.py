@@ -38,6 +38,7 @@ from rapidin.gradients.model import (
     select_modules,
     tokenizer_fingerprint,
 )
+from rapidin.gradients.optimizer import adam_scales, optimizer_file
 from rapidin.progress import Progress
 from rapidin.score.tokenwise import TokenRows
 from rapidin.settings import CacheSettings
@@ -228,6 +229,7 @@ def open_shard(
     if dataset.settings["tokenizer"] != tokenizer_fingerprint(tokenizer):
         raise StoreMismatchError(f"{tokens} was tokenized with a different tokenizer than {model_path}'s")
     modules, blocks, compressor = gradient_space(model, settings)
+    optimizer = optimizer_stamp(model, blocks, compressor, settings, adapter or model_path)
     cover = coverage(model, blocks, settings.parameters)
     log.info("%s", describe_coverage(cover))
     stamp = {
@@ -255,11 +257,38 @@ def open_shard(
         "rows": [start, stop],
         "n_samples": len(dataset),
         "tokens": tokens_fingerprint(dataset, range(start, stop)),
+        **optimizer,
     }
     log.info(
         "shard %d/%d: rows %d…%d, D=%d, arrays %s", shard, n_shards, start, stop, compressor.dim, compressor.arrays
     )
     return ShardJob(dataset, model, modules, compressor, tokenizer.pad_token_id, stamp, start, stop, settings)
+
+
+def optimizer_stamp(model, blocks, compressor: Compressor, settings: CacheSettings, directory: str) -> dict:
+    """cache.optimizer adam: give the compressor the per-block scales 1/(√v̂ + ε) of `directory`'s optimizer.pt;
+    returns what the vectors then also depend on (`optimizer`, `optimizer_state`: the state file's fingerprint),
+    nothing for `none` (so stores made before the setting existed still agree)."""
+    if settings.optimizer == "none":
+        return {}
+    if settings.optimizer != "adam":
+        raise RapidinError(f"cache.optimizer: {settings.optimizer!r} is not one of ('none', 'adam')")
+    path = optimizer_file(directory)
+    compressor.set_scales(adam_scales(model, blocks, path))
+    log.info("gradients divided elementwise by sqrt(v_hat) + eps of %s", path)
+    return {"optimizer": settings.optimizer, "optimizer_state": file_fingerprint(path)}
+
+
+def file_fingerprint(path: Path) -> str:
+    """A cheap content fingerprint of one file: its size, first and last MiB."""
+    digest = hashlib.sha256()
+    size = path.stat().st_size
+    digest.update(str(size).encode())
+    with path.open("rb") as handle:
+        digest.update(handle.read(1 << 20))
+        handle.seek(max(0, size - (1 << 20)))
+        digest.update(handle.read(1 << 20))
+    return digest.hexdigest()[:16]
 
 
 def check_room(out: str, n_bytes: int) -> None:

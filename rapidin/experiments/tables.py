@@ -9,7 +9,7 @@
 
 `costs` describe each method: {"scores": its scores store, "cache": a cache store or null, "array": the
 cached array it scores, "benchmarks": {"train_cache" | "query_cache" | "score" | "other": [Snakemake
-benchmark TSVs]}}.
+benchmark TSVs]}, optionally "copies": how many caches of that size it needs (one per checkpoint)}.
 """
 
 from __future__ import annotations
@@ -44,11 +44,12 @@ def benchmark_seconds(paths: list[str]) -> float:
 
 
 def cache_bytes_per_sample(cost: dict) -> int:
-    """Bytes one training sample takes in the method's cache (0 for methods without one)."""
+    """Bytes one training sample takes in the method's cache (0 for methods without one), times the caches it
+    needs (`copies`: one per checkpoint for methods summed over checkpoints)."""
     if not cost.get("cache"):
         return 0
     array = zarr.open_group(cost["cache"], mode="r")[cost["array"]]
-    return int(array.shape[1] * array.dtype.itemsize)
+    return int(array.shape[1] * array.dtype.itemsize) * cost.get("copies", 1)
 
 
 def stage_seconds(cost: dict) -> dict[str, float]:
@@ -111,7 +112,8 @@ def backdoor_table(
 def speedup_note(methods: list[str], costs: dict) -> str:
     """The paper's headline in kind: a new query's retrieval over the RapidIn cache vs exact TracIn, which
     must recompute every training gradient (the whole training-cache time) for it."""
-    fast = [m for m in methods if parse_method(m).k is not None and parse_method(m).seed is None]
+    parsed = {m: parse_method(m) for m in methods}
+    fast = [m for m, p in parsed.items() if p.k is not None and p.seed is None and p.plain]
     exact = next((m for m in ("tracin", "tracin_ln") if m in methods), None)
     notes = [
         "`seconds`: wall-clock time of the method's jobs (training and query gradients, scoring; the RapidIn rows "

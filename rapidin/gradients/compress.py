@@ -32,6 +32,7 @@ class Compressor:
         self.blocks = blocks
         self.dim = sum(b.size for b in blocks)
         self.normalize = normalize
+        self.scales: dict[str, torch.Tensor] = {}  # optimizer-aware: per block name, a factor per element
         self.outputs: dict[str, torch.Tensor] = {}
         self._terms: dict[Block, list] = {}
         self._done: set[Block] = set()
@@ -55,14 +56,32 @@ class Compressor:
             self.add_terms(block, self._terms.pop(block))
             self._done.add(block)
 
+    def set_scales(self, scales: dict[str, torch.Tensor]) -> None:
+        """Optimizer-aware gradients: each block's gradient is multiplied elementwise by `scales[block.name]`
+        (the block's shape) before layer-wise normalisation and compression (gradients.optimizer.adam_scales)."""
+        missing = [b.name for b in self.blocks if b.name not in scales]
+        if missing:
+            raise RapidinError(f"cache.optimizer: no optimizer scales for {missing[0]}")
+        self.scales = {b.name: scales[b.name].reshape(b.shape) for b in self.blocks}
+
+    def _scale(self, block: Block, like: torch.Tensor) -> torch.Tensor | None:
+        scale = self.scales.get(block.name)
+        return None if scale is None else scale.to(like.device, like.dtype)
+
     def add_terms(self, block: Block, terms: list) -> None:
-        """Add one block's layer-normalised per-sample gradient: sparse embedding rows, or all of it."""
+        """Add one block's (optimizer-scaled) layer-normalised per-sample gradient: sparse embedding rows, or all."""
         if all(isinstance(t, Outer) and t.one_hot for t in terms):
             ids, rows = embedding_rows(terms)  # (U,), (B, U, n)
+            scale = self._scale(block, rows)
+            if scale is not None:
+                rows.mul_(scale[ids])  # (U, n) broadcast over the batch
             flat = rows.flatten(1)
             self.add_rows(block, ids, self._normalized(flat, flat.norm(dim=1)).view_as(rows))
         else:
             values = dense_gradient(terms, block.shape)  # (B, size)
+            scale = self._scale(block, values)
+            if scale is not None:
+                values.mul_(scale.flatten())
             self.add_block(block, self._normalized(values, values.norm(dim=1)))
 
     def _normalized(self, values: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
@@ -179,6 +198,11 @@ class FactoredCompressor(Compressor):
     @property
     def arrays(self) -> dict[str, int]:
         return {"factored": sum(s.stop - s.start for s in self.slots.values())}
+
+    def set_scales(self, scales: dict[str, torch.Tensor]) -> None:
+        raise RapidinError(
+            "cache.optimizer: compressor factored never builds the gradient to scale; use rapidgrad or none"
+        )
 
     def add_terms(self, block: Block, terms: list) -> None:
         if not block.outer:

@@ -29,7 +29,9 @@ def optimizer_file(directory: str | Path) -> Path:
     """The Adam state of a model or checkpoint directory: its `optimizer.pt`."""
     path = Path(directory) / "optimizer.pt"
     if not path.is_file():
-        raise RapidinError(f"cache.adam: {directory} has no optimizer.pt (the Adam state to normalise gradients by)")
+        raise RapidinError(
+            f"cache.optimizer: {directory} has no optimizer.pt (the Adam state to normalise gradients by)"
+        )
     return path
 
 
@@ -39,7 +41,7 @@ def adam_scales(model: nn.Module, blocks: list[Block], path: str | Path) -> dict
         state = torch.load(path, map_location="cpu", weights_only=True)
         groups, states = state["param_groups"], state["state"]
     except (OSError, RuntimeError, KeyError, TypeError) as error:
-        raise RapidinError(f"cache.adam: {path} is not an optimizer state_dict: {error}") from None
+        raise RapidinError(f"cache.optimizer: {path} is not an optimizer state_dict: {error}") from None
     index_of = {id(param): index for index, param in enumerate(_state_order(model, groups, path))}
     modules = dict(model.named_modules())
     settings = {index: group for group in groups for index in group["params"]}
@@ -47,11 +49,11 @@ def adam_scales(model: nn.Module, blocks: list[Block], path: str | Path) -> dict
     for block in blocks:
         index = index_of.get(id(getattr(modules[block.module], block.kind)))
         if index is None or index not in states or "exp_avg_sq" not in states[index]:
-            raise RapidinError(f"cache.adam: {path} has no Adam second moments for {block.name}")
+            raise RapidinError(f"cache.optimizer: {path} has no Adam second moments for {block.name}")
         v = states[index]["exp_avg_sq"].float()
         if tuple(v.shape) != block.shape:
             raise RapidinError(
-                f"cache.adam: {path} does not match the model: state {index} has shape {tuple(v.shape)} "
+                f"cache.optimizer: {path} does not match the model: state {index} has shape {tuple(v.shape)} "
                 f"but {block.name} is {block.shape}"
             )
         group = settings[index]
@@ -69,7 +71,7 @@ def _state_order(model: nn.Module, groups: list[dict], path) -> list[nn.Paramete
         by_name = dict(named)
         missing = [n for group in groups for n in group["param_names"] if n not in by_name]
         if missing:
-            raise RapidinError(f"cache.adam: {path} has state for {missing[0]}, which the model has no trainable")
+            raise RapidinError(f"cache.optimizer: {path} has state for {missing[0]}, which the model has no trainable")
         return [by_name[n] for group in groups for n in group["param_names"]]
     if len(groups) == 1:
         order = [param for _, param in named]
@@ -83,7 +85,7 @@ def _state_order(model: nn.Module, groups: list[dict], path) -> list[nn.Paramete
         order = []
     if len(order) != sum(sizes):
         raise RapidinError(
-            f"cache.adam: {path} does not match the model: {len(groups)} param groups of {sizes} parameters, "
+            f"cache.optimizer: {path} does not match the model: {len(groups)} param groups of {sizes} parameters, "
             f"but the model has {len(named)} trainable ones"
         )
     return order

@@ -24,9 +24,11 @@ from rapidin.errors import RapidinError
 from rapidin.score.scores import SHARED_FIELDS, running_topk
 from rapidin.store import RANK_DIMS, SCORE_DIMS, atomic_dir, check_agree, write_settings
 
-# Settings the checkpoints' score stores must share: all but the model weights they were computed at.
+# Settings the checkpoints' score stores must share: all but the weights they were computed at (and the optimizer
+# state saved with those weights, for cache.optimizer adam).
+PER_CHECKPOINT_FIELDS = ("model", "adapter", "optimizer_state")
 COMBINED_FIELDS = (
-    *(f for f in SHARED_FIELDS if f not in ("model", "adapter")),
+    *(f for f in SHARED_FIELDS if f not in PER_CHECKPOINT_FIELDS),
     "array",
     "top_k",
     "n_queries",
@@ -90,7 +92,7 @@ def combine_scores(stores: list[str], weights: list[float], out: str) -> None:
 
     Sums in fp64, `COLUMN_BYTES` of each store's columns at a time; the top-k and bottom-k per row are those of
     the sum (score.running_topk). `attrs["rapidin"]` is the first store's, plus `checkpoints`: each store's
-    model and adapter fingerprints and weight.
+    model and adapter fingerprints, optimizer state (if any) and weight.
     """
     if len(stores) != len(weights) or not stores:
         raise RapidinError(f"combine_scores: {len(stores)} score stores but {len(weights)} weights")
@@ -119,7 +121,7 @@ def combine_scores(stores: list[str], weights: list[float], out: str) -> None:
                     name, data=groups[0][name][:], dimension_names=(name if name == "sample" else "query",)
                 )
         sources = [
-            {"model": s["model"], "adapter": s["adapter"], "weight": float(w)}
+            {**{f: s[f] for f in PER_CHECKPOINT_FIELDS if f in s}, "weight": float(w)}
             for s, w in zip(settings, weights, strict=True)
         ]
         write_settings(result, {**settings[0], "checkpoints": sources})

@@ -54,6 +54,8 @@ SHARED_FIELDS = (
     "sketch_version",
     "model_dtype",
     "device",
+    "optimizer",
+    "optimizer_state",
 )
 
 

@@ -9,8 +9,10 @@ import os
 import sys
 from pathlib import Path
 
+from rapidin.methods import CHECKPOINT_BASE as CHECKPOINT_METHOD_PATTERN
 from rapidin.methods import PATTERN as METHOD_PATTERN
 from rapidin.methods import parse_method
+from rapidin.config import CHECKPOINT_NAME_PATTERN, checkpoint_name
 
 # Rules call the `rapidin` console script of the Python that runs Snakemake (.venv/bin), activated or not.
 # Rules name no conda env or container (snakemake --lint asks for them): requirements.txt pins the environment.
@@ -20,6 +22,8 @@ SHARDS = [f"{i:05d}" for i in range(config["cache"]["n_shards"])]
 KS = config["cache"]["k"] if isinstance(config["cache"]["k"], list) else [config["cache"]["k"]]
 EXPERIMENT = config["experiment"]
 FIELDS = json.dumps(config["data"]["fields"])  # the files' field names, for every step that reads them
+# model.checkpoints by their wildcard names (rules/checkpoints.smk), in config order
+CHECKPOINTS = {checkpoint_name(entry["path"]): entry for entry in config["model"]["checkpoints"]}
 
 
 wildcard_constraints:
@@ -27,6 +31,7 @@ wildcard_constraints:
     shard=r"\d{5}",
     split="train|queries",
     token="|token_",  # "" for one row per query, "token_" for one row per query response token
+    ckpt=CHECKPOINT_NAME_PATTERN,  # a model.checkpoints entry (rapidin.config.checkpoint_name)
 
 
 # Small steps run where snakemake runs, never as cluster jobs.
@@ -35,6 +40,7 @@ localrules:
     plan_run,
     tokenize_dataset,
     merge_scores,
+    merge_checkpoint_scores,
     write_topk,
     attribute_tokens,
     write_report,
@@ -66,6 +72,26 @@ def adapter_input(wildcards, input):
     return input.adapter if "adapter" in input.keys() else None
 
 
+def checkpoint_inputs(wildcards):
+    """A checkpoint's inputs: model (and adapter) as model_inputs, plus the checkpoint directory unless the workflow
+    builds it inside one of those (the demo's checkpoint-<epoch>/ lie in its model directory)."""
+    inputs = model_inputs(wildcards)
+    path = CHECKPOINTS[wildcards.ckpt]["path"]
+    if Path(RESULTS) not in Path(os.path.normpath(path)).parents:
+        inputs["checkpoint"] = path
+    return inputs
+
+
+def checkpoint_model(wildcards, input):
+    """--model of a checkpoint's caches: the checkpoint itself, or model.path when checkpoints are adapters."""
+    return input.model if adapter_dir() else CHECKPOINTS[wildcards.ckpt]["path"]
+
+
+def checkpoint_adapter(wildcards):
+    """--adapter of a checkpoint's caches: with model.adapter set, checkpoints are adapter directories."""
+    return CHECKPOINTS[wildcards.ckpt]["path"] if adapter_dir() else None
+
+
 def data_path(wildcards):
     """The training set, or the queries with their missing responses generated (rule complete_queries)."""
     return config["data"]["train"] if wildcards.split == "train" else f"results/{wildcards.name}/queries.jsonl"
@@ -73,17 +99,23 @@ def data_path(wildcards):
 
 # Experiments (config/experiments/): every method gives results/<name>/methods/<method>/scores.zarr. Gradient
 # methods score a cache variant: "main" is the pipeline's own cache (config `cache`), the others override some of
-# its settings and are built by the same rules under results/<name>/methods/cache/<variant>/.
+# its settings and are built by the same rules under results/<name>/methods/cache/<variant>/; "<variant>_adam"
+# ("adam" for main) adds cache.optimizer adam. Methods summed over checkpoints (`_cp`) score the same variants at
+# each checkpoint's weights, under results/<name>/checkpoints/<ckpt>/ (rules/checkpoints.smk).
 CACHE_VARIANTS = {
     "main": {},
     "exact": {"compressor": "none"},
     "exact_raw": {"compressor": "none", "normalize": False, "dtype": "float32"},  # raw gradients underflow fp16
     "factored": {"compressor": "factored"},
 }
+VARIANT_PATTERN = r"exact|exact_raw|factored|seed\d+|adam|exact_adam|seed\d+_adam"
 
 
 def variant_cache(variant):
-    """The cache settings of a variant: config `cache` with the variant's overrides (seed<S>: another seed)."""
+    """The cache settings of a variant: config `cache` with the variant's overrides (seed<S>: another seed;
+    _adam, or adam alone: optimizer-aware gradients)."""
+    if variant == "adam" or variant.endswith("_adam"):
+        return {**variant_cache(variant.removesuffix("adam").removesuffix("_") or "main"), "optimizer": "adam"}
     if variant.startswith("seed"):
         return {**config["cache"], "seed": int(variant.removeprefix("seed"))}
     return {**config["cache"], **CACHE_VARIANTS[variant]}
@@ -105,6 +137,7 @@ CACHE_PARAMS = dict(
     batch_tokens=cache_value("batch_tokens"),
     chunk_rows=cache_value("chunk_rows"),
     on_nonfinite=cache_value("on_nonfinite"),
+    optimizer=cache_value("optimizer"),
     modules=config["model"]["modules"],
     parameters=config["model"]["parameters"],
     model_dtype=config["model"]["dtype"],
@@ -112,7 +145,8 @@ CACHE_PARAMS = dict(
 CACHE_FLAGS = (
     "--compressor {params.compressor:q} --k {params.k:q} --rank {params.rank:q} --seed {params.seed:q}"
     " --dtype {params.dtype:q} --normalize {params.normalize:q} --batch-tokens {params.batch_tokens:q}"
-    " --chunk-rows {params.chunk_rows:q} --on-nonfinite {params.on_nonfinite:q} --modules {params.modules:q}"
+    " --chunk-rows {params.chunk_rows:q} --on-nonfinite {params.on_nonfinite:q} --optimizer {params.optimizer:q}"
+    " --modules {params.modules:q}"
     " --parameters {params.parameters:q} --model-dtype {params.model_dtype:q}"
 )
 
@@ -131,48 +165,98 @@ def method_source(method):
         "tracin_ln": ("exact", "exact"),
         "factored": ("factored", "factored"),
     }
-    if method in fixed:
-        return fixed[method]
     parsed = parse_method(method)
-    seed = config["cache"]["seed"] if parsed.seed is None else parsed.seed
-    return ("main" if seed == config["cache"]["seed"] else f"seed{seed}"), f"k{parsed.k}"
+    if parsed.base in fixed:
+        variant, array = fixed[parsed.base]
+    else:
+        seed = config["cache"]["seed"] if parsed.seed is None else parsed.seed
+        variant, array = ("main" if seed == config["cache"]["seed"] else f"seed{seed}"), f"k{parsed.k}"
+    if parsed.adam:
+        variant = "adam" if variant == "main" else f"{variant}_adam"
+    return variant, array
 
 
-def variant_dir(variant):
-    return f"{RESULTS}/cache" if variant == "main" else f"{RESULTS}/methods/cache/{variant}"
+def method_root(wildcards):
+    """Where a method's caches and scores lie: results/<name>, or a checkpoint's folder (wildcard ckpt)."""
+    return f"{RESULTS}/checkpoints/{wildcards.ckpt}" if "ckpt" in wildcards.keys() else RESULTS
 
 
-def method_queries(method):
-    """The query store a gradient method scores: its cache variant's, or LiSSA's inverse-Hessian products."""
+def variant_dir(variant, root=RESULTS):
+    return f"{root}/cache" if variant == "main" else f"{root}/methods/cache/{variant}"
+
+
+def method_queries(method, root=RESULTS):
+    """The query store a gradient method scores: its cache variant's, LiSSA's inverse-Hessian products, or (_pre)
+    the preconditioned ones."""
     if method == "lissa":
-        return f"{RESULTS}/methods/lissa/queries.zarr/zarr.json"
-    return f"{variant_dir(method_source(method)[0])}/queries.zarr/zarr.json"
+        return f"{root}/methods/lissa/queries.zarr/zarr.json"
+    if parse_method(method).precondition:
+        return f"{root}/methods/{method}/queries.zarr/zarr.json"
+    return f"{variant_dir(method_source(method)[0], root)}/queries.zarr/zarr.json"
 
 
 def method_score_inputs(wildcards):
     """The query store and the training-cache shard a gradient method scores."""
+    root = method_root(wildcards)
     variant = method_source(wildcards.grad_method)[0]
     return {
-        "queries": method_queries(wildcards.grad_method),
-        "cache": f"{variant_dir(variant)}/train/{wildcards.shard}.zarr/zarr.json",
+        "queries": method_queries(wildcards.grad_method, root),
+        "cache": f"{variant_dir(variant, root)}/train/{wildcards.shard}.zarr/zarr.json",
     }
 
 
 def method_merge_inputs(wildcards):
+    root = method_root(wildcards)
     return {
-        "shards": [f"{RESULTS}/methods/{wildcards.grad_method}/scores/{shard}.zarr/zarr.json" for shard in SHARDS],
-        "queries": method_queries(wildcards.grad_method),
+        "shards": [f"{root}/methods/{wildcards.grad_method}/scores/{shard}.zarr/zarr.json" for shard in SHARDS],
+        "queries": method_queries(wildcards.grad_method, root),
+    }
+
+
+def precondition_inputs(wildcards):
+    """A _pre method's query store and training caches (its variant's, at its root) to precondition with."""
+    root = method_root(wildcards)
+    variant = method_source(wildcards.grad_method)[0]
+    return {
+        "queries": f"{variant_dir(variant, root)}/queries.zarr/zarr.json",
+        "caches": [f"{variant_dir(variant, root)}/train/{shard}.zarr/zarr.json" for shard in SHARDS],
     }
 
 
 def method_costs(method):
-    """What the experiment table needs about a method (rapidin.experiments.tables): scores, cache, benchmark files."""
+    """What the experiment table needs about a method (rapidin.experiments.tables): scores, cache, benchmark files;
+    a method summed over checkpoints counts each checkpoint's cache (`copies`) and jobs."""
     bench = f"{RESULTS}/benchmarks"
     cost = {"scores": f"{RESULTS}/methods/{method}/scores.zarr", "cache": None, "array": None, "benchmarks": {}}
     if method in ("random", "bm25"):
         cost["benchmarks"]["other"] = [f"{bench}/score_baseline/{method}.tsv"]
         return cost
+    parsed = parse_method(method)
     variant, array = method_source(method)
+    single = parsed.single
+    if parsed.checkpoints:
+        names = list(CHECKPOINTS)
+        cost["cache"], cost["array"], cost["copies"] = (
+            f"{variant_dir(variant, f'{RESULTS}/checkpoints/{names[0]}')}/train/{SHARDS[0]}.zarr",
+            array,
+            len(names),
+        )
+        train, queries = (
+            ("cache_checkpoint_train_grads", "cache_checkpoint_query_grads")
+            if variant == "main"
+            else (f"cache_checkpoint_variant_train_grads/{variant}", f"cache_checkpoint_variant_query_grads/{variant}")
+        )  # benchmark folders: <rule>[/<variant>]/<ckpt>/
+        cost["benchmarks"] = {
+            "train_cache": [f"{bench}/{train}/{c}/{shard}.tsv" for c in names for shard in SHARDS],
+            "query_cache": [f"{bench}/{queries}/{c}/queries.tsv" for c in names],
+            "score": [f"{bench}/score_checkpoint_method_shard/{c}/{single}/{s}.tsv" for c in names for s in SHARDS],
+            "other": (
+                [f"{bench}/precondition_checkpoint_queries/{c}/{single}.tsv" for c in names]
+                if parsed.precondition
+                else []
+            ),
+        }
+        return cost
     cost["cache"], cost["array"] = f"{variant_dir(variant)}/train/{SHARDS[0]}.zarr", array
     train, queries = (
         ("cache_train_grads", "cache_query_grads")
@@ -185,6 +269,8 @@ def method_costs(method):
         "score": [f"{bench}/score_method_shard/{method}/{shard}.tsv" for shard in SHARDS],
         "other": [f"{bench}/lissa_queries.tsv"] if method == "lissa" else [],
     }
+    if parsed.precondition:
+        cost["benchmarks"]["other"] = [f"{bench}/precondition_queries/{method}.tsv"]
     return cost
 
 
@@ -239,6 +325,8 @@ def run_settings():
             "dtype": config["cache"]["dtype"],
             "seed": config["cache"]["seed"],
             "normalize": config["cache"]["normalize"],
+            "optimizer": config["cache"]["optimizer"],
+            "checkpoints": [entry["path"] for entry in config["model"]["checkpoints"]] or None,
             "train": config["data"]["train"],
             "queries": config["data"]["queries"],
             "generation (queries without a response)": (

@@ -3,11 +3,15 @@
 # Gradient methods: cache variants (common.smk: CACHE_VARIANTS) → score_method_shard → merge_method_scores;
 # random and bm25: score_baseline; lissa: lissa_queries turns the exact_raw query gradients into H⁻¹∇L(t).
 # Error tracing: make_error_tracing_data writes entity swaps into the demo's training set, and its queries.
+# Suffixes (rapidin.methods): _adam scores a variant with cache.optimizer adam, _pre preconditioned queries
+# (precondition_queries), _cp the lr-weighted sum over model.checkpoints of the method at each checkpoint
+# (the same variant, scoring and merging rules under results/<name>/checkpoints/<ckpt>/, then combine_method_scores).
 
 
 wildcard_constraints:
-    variant=r"exact|exact_raw|factored|seed\d+",
+    variant=VARIANT_PATTERN,
     grad_method=METHOD_PATTERN.replace("random|bm25|", ""),  # rapidin.methods: one grammar of method names
+    cp_method=CHECKPOINT_METHOD_PATTERN,
     baseline="random|bm25",
 
 
@@ -96,6 +100,95 @@ use rule merge_scores as merge_method_scores with:
         scores="results/{name}/methods/{grad_method}/scores.zarr/zarr.json",
     log:
         "results/{name}/logs/merge_method_scores/{grad_method}.log",
+
+
+rule precondition_queries:
+    input:
+        unpack(precondition_inputs),
+    output:
+        queries="results/{name}/methods/{grad_method}/queries.zarr/zarr.json",
+    wildcard_constraints:
+        grad_method=r"[^/]+_pre",
+    params:
+        array=lambda wildcards: method_source(wildcards.grad_method)[1],
+        damping=EXPERIMENT["precondition"]["damping"],
+        max_rows=EXPERIMENT["precondition"]["max_rows"],
+    threads: workflow.cores
+    log:
+        "results/{name}/logs/precondition_queries/{grad_method}.log",
+    benchmark:
+        "results/{name}/benchmarks/precondition_queries/{grad_method}.tsv"
+    shell:
+        "rapidin --threads {threads} precondition --queries {input.queries:q} --caches {input.caches:q}"
+        " --out {output.queries:q} --array {params.array:q} --damping {params.damping:q}"
+        " --max-rows {params.max_rows:q} 2>&1 | tee {log:q}"
+
+
+# The same per checkpoint (methods ending in _cp): variant caches, preconditioned queries, scores, merge.
+use rule cache_checkpoint_train_grads as cache_checkpoint_variant_train_grads with:
+    output:
+        cache="results/{name}/checkpoints/{ckpt}/methods/cache/{variant}/train/{shard}.zarr/zarr.json",
+    log:
+        "results/{name}/logs/cache_checkpoint_variant_train_grads/{variant}/{ckpt}/{shard}.log",
+    benchmark:
+        "results/{name}/benchmarks/cache_checkpoint_variant_train_grads/{variant}/{ckpt}/{shard}.tsv"
+
+
+use rule cache_checkpoint_query_grads as cache_checkpoint_variant_query_grads with:
+    output:
+        cache="results/{name}/checkpoints/{ckpt}/methods/cache/{variant}/{token}queries.zarr/zarr.json",
+    log:
+        "results/{name}/logs/cache_checkpoint_variant_query_grads/{variant}/{ckpt}/{token}queries.log",
+    benchmark:
+        "results/{name}/benchmarks/cache_checkpoint_variant_query_grads/{variant}/{ckpt}/{token}queries.tsv"
+
+
+use rule precondition_queries as precondition_checkpoint_queries with:
+    output:
+        queries="results/{name}/checkpoints/{ckpt}/methods/{grad_method}/queries.zarr/zarr.json",
+    log:
+        "results/{name}/logs/precondition_checkpoint_queries/{ckpt}/{grad_method}.log",
+    benchmark:
+        "results/{name}/benchmarks/precondition_checkpoint_queries/{ckpt}/{grad_method}.tsv"
+
+
+use rule score_shard as score_checkpoint_method_shard with:
+    input:
+        unpack(method_score_inputs),
+    output:
+        scores="results/{name}/checkpoints/{ckpt}/methods/{grad_method}/scores/{shard}.zarr/zarr.json",
+    params:
+        top_k=config["score"]["top_k"],
+        array=lambda wildcards: method_source(wildcards.grad_method)[1],
+    log:
+        "results/{name}/logs/score_checkpoint_method_shard/{ckpt}/{grad_method}/{shard}.log",
+    benchmark:
+        "results/{name}/benchmarks/score_checkpoint_method_shard/{ckpt}/{grad_method}/{shard}.tsv"
+
+
+use rule merge_scores as merge_checkpoint_method_scores with:
+    input:
+        unpack(method_merge_inputs),
+    output:
+        scores="results/{name}/checkpoints/{ckpt}/methods/{grad_method}/scores.zarr/zarr.json",
+    log:
+        "results/{name}/logs/merge_checkpoint_method_scores/{ckpt}/{grad_method}.log",
+
+
+if CHECKPOINTS:
+
+    localrules:
+        combine_method_scores,
+
+    use rule combine_checkpoint_scores as combine_method_scores with:
+        input:
+            scores=expand(
+                "results/{{name}}/checkpoints/{ckpt}/methods/{{cp_method}}/scores.zarr/zarr.json", ckpt=CHECKPOINTS
+            ),
+        output:
+            scores="results/{name}/methods/{cp_method}_cp/scores.zarr/zarr.json",
+        log:
+            "results/{name}/logs/combine_method_scores/{cp_method}.log",
 
 
 rule score_baseline:
