@@ -73,7 +73,7 @@ def test_same_seed_same_sketch_other_seed_other_sketch():
     assert not torch.equal(RapidGrad(500, [64], 1)(x)[64], RapidGrad(500, [64], 2)(x)[64])
 
 
-@pytest.mark.parametrize("k", [1000, 2048])
+@pytest.mark.parametrize("k", [0, -4, 3, 6, 12, 1000, 2048])  # not a power of two, or larger than D
 def test_bad_k_is_refused(k):
     with pytest.raises(RapidinError, match=r"cache\.k"):
         RapidGrad(1024, [k], 0)
@@ -123,3 +123,8 @@ def test_keys_are_a_fixed_function_of_seed_and_dim(seed, dim, bits):
     assert list(zip(position.tolist(), sign.tolist(), strict=True)) == want
     pinned = [want[indices.index(i)] for i, _ in PINNED[(seed, dim, bits)]]
     assert pinned == [expected for _, expected in PINNED[(seed, dim, bits)]]
+
+
+@pytest.mark.parametrize("k", [1, 2, 4, 64, 1024])
+def test_every_power_of_two_up_to_d_is_accepted(k):
+    assert RapidGrad(1024, [k], 0)(torch.ones(1, 1024))[k].shape == (1, k)

@@ -222,3 +222,62 @@ def test_merge_refuses_shards_scored_otherwise_naming_both(tmp_path):
     with pytest.raises(StoreMismatchError, match=re.escape(message)):
         merge_scores(shards, query_store, str(tmp_path / "scores.zarr"))
     assert not (tmp_path / "scores.zarr").exists()
+
+
+def test_shard_records_the_cache_rows_it_scored(tmp_path):
+    """A shard of training ids 40…49 is stamped with the half-open range [40, 50)."""
+    queries, train = data()
+    query_store = vector_store(tmp_path / "queries.zarr", queries, np.arange(3), 3)
+    cache = vector_store(tmp_path / "cache.zarr", train[:10], np.arange(40, 50), 4)
+    score_shard(query_store, cache, str(tmp_path / "scores.zarr"), 2, device="cpu")
+    assert zarr.open_group(tmp_path / "scores.zarr", mode="r").attrs["rapidin"]["cache_rows"] == [40, 50]
+
+
+def test_scoring_refuses_queries_sketched_otherwise_naming_both(tmp_path):
+    queries, train = data()
+    query_store = vector_store(tmp_path / "queries.zarr", queries, np.arange(3), 3)
+    cache = vector_store(tmp_path / "cache.zarr", train, np.arange(23), 4)
+    group = zarr.open_group(cache, mode="r+")
+    group.attrs["rapidin"] = {**SETTINGS, "seed": 1}
+    message = f"{cache} was made with seed=1 but {query_store} has seed=0"
+    with pytest.raises(StoreMismatchError, match=re.escape(message)):
+        score_shard(query_store, cache, str(tmp_path / "scores.zarr"), 3, device="cpu")
+    assert not (tmp_path / "scores.zarr").exists()
+
+
+def test_shard_killed_after_its_ends_were_written_resumes(tmp_path, monkeypatch):
+    """A job killed between writing top-/bottom-k and publishing reruns to the same, naive, ends."""
+    queries, train = data()
+    query_store = vector_store(tmp_path / "queries.zarr", queries, np.arange(3), 3)
+    cache = vector_store(tmp_path / "cache.zarr", train, np.arange(23), 4)
+    out = str(tmp_path / "scores.zarr")
+
+    def killed(_store):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(score.ResumableStore, "publish", killed)
+        with pytest.raises(KeyboardInterrupt):
+            score_shard(query_store, cache, out, 4, device="cpu")
+    assert zarr.open_group(f"{out}.partial", mode="r")["top_ids"].shape == (3, 4)
+    score_shard(query_store, cache, out, 4, device="cpu")
+    group = zarr.open_group(out, mode="r")
+    np.testing.assert_allclose(group["scores"][:], queries.astype(float) @ train.astype(float).T, rtol=1e-6, atol=1e-6)
+    for q, row in enumerate(group["scores"][:]):
+        assert [group["top_ids"][q].tolist(), group["bottom_ids"][q].tolist()] == list(map(list, naive_ends(row, 4)))
+
+
+def test_topk_jsonl_reads_renamed_fields(tmp_path):
+    """`fields` maps our names to the files' own: texts come from `prompt` and `answer`."""
+    queries, train = data(n_queries=1)
+    train = train[:5]
+    scores = score_ragged_shards(tmp_path, queries, train, 2, sizes=(5,))
+    write_jsonl(tmp_path / "train.jsonl", [{"prompt": f"do {i}", "answer": f"done {i}"} for i in range(5)])
+    write_jsonl(tmp_path / "queries.jsonl", [{"prompt": "why"}])
+    fields = {"instruction": "prompt", "output": "answer"}
+    train_file, query_file = str(tmp_path / "train.jsonl"), str(tmp_path / "queries.jsonl")
+    write_topk(scores, train_file, query_file, str(tmp_path / "t.jsonl"), fields)
+    (line,) = [json.loads(text) for text in (tmp_path / "t.jsonl").read_text().splitlines()]
+    assert line["query"]["instruction"] == "why"
+    top, _ = naive_ends(queries[0].astype(np.float64) @ train.astype(np.float64).T, 2)
+    assert [(h["instruction"], h["output"]) for h in line["helpful"]] == [(f"do {i}", f"done {i}") for i in top]
