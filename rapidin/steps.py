@@ -370,6 +370,18 @@ def tokenwise(
     attribute_tokens(topk, token_scores, queries, query_tokens, train_tokens, model, out, settings.top_samples)
 
 
+def aggregate_tokens(token_scores: Store, out: Store) -> None:
+    """token-level query aggregation: per query and training sample, mean |z| of its tokens' standardised scores
+
+    Args:
+        token_scores: merged per-token scores (query tokens x training samples)
+        out: the score store to write (queries x training samples)
+    """
+    from rapidin.score.tokenwise import aggregate_token_scores
+
+    aggregate_token_scores(token_scores, out)
+
+
 def evaluate(
     scores: Store,
     train: str,
@@ -543,6 +555,7 @@ STEPS = [
     topk,
     complete_queries,
     tokenwise,
+    aggregate_tokens,
     evaluate,
     baseline,
     make_error_tracing_data,

@@ -249,7 +249,7 @@ REFUSED = {
     "unknown method": (
         {"experiment": {"study": "backdoor", "methods": ["tracin", "magic"]}},
         "experiment.methods: unknown method 'magic' (expected one of random, bm25, lissa, tracin, tracin_ln,"
-        " factored, rapidin_k<K>[_seed<S>], then [_adam][_pre][_cp])",
+        " factored, rapidin_k<K>[_seed<S>], then [_adam][_pre][_tok][_cp])",
     ),
 }
 

@@ -250,6 +250,9 @@ def test_checkpoints_the_workflow_builds_are_checked_when_it_has(tmp_path, monke
         (["rapidin_k65536_pre"], {}, r"^experiment\.methods: rapidin_k65536_pre: preconditioning needs K ≤ 8192"),
         (["rapidin_k4096_cp_adam"], {"k": 4096}, r"^experiment\.methods: unknown method 'rapidin_k4096_cp_adam'"),
         (["lissa_cp"], {}, r"^experiment\.methods: unknown method 'lissa_cp'"),
+        (["tracin_tok"], {}, r"^experiment\.methods: tracin_tok: _tok applies to tracin_ln and rapidin_k<K> without"),
+        (["rapidin_k4096_pre_tok"], {"k": 4096}, r"^experiment\.methods: rapidin_k4096_pre_tok: _tok applies to"),
+        (["tracin_ln_tok_cp"], {}, r"^experiment\.methods: tracin_ln_tok_cp: _tok applies to"),
     ],
 )
 def test_method_suffixes_are_checked_with_the_config(methods, cache, message, tmp_path, monkeypatch):

@@ -15,7 +15,16 @@ from .workflow import copy_workflow, snakemake
 
 pytestmark = pytest.mark.slow
 
-METHODS = ["random", "bm25", "tracin", "tracin_ln", "rapidin_k1024", "rapidin_k4096"]
+METHODS = [
+    "random",
+    "bm25",
+    "tracin",
+    "tracin_ln",
+    "rapidin_k1024",
+    "rapidin_k4096",
+    "tracin_ln_tok",
+    "rapidin_k4096_tok",
+]
 # The backdoor answers what clean samples about the sky answer too: its text no longer gives the poisoned samples
 # away to BM25, while what the model learned from them still does to influence.
 CAMOUFLAGED = "The sky is usually blue."
@@ -71,6 +80,8 @@ def test_backdoor_table_is_each_methods_metrics_recomputed_from_its_scores(backd
         "tracin_ln": vector_bytes("exact"),
         "rapidin_k1024": 1024 * 2,  # float16
         "rapidin_k4096": 4096 * 2,
+        "tracin_ln_tok": vector_bytes("exact"),
+        "rapidin_k4096_tok": 4096 * 2,
     }
 
 
@@ -122,3 +133,30 @@ def test_bad_experiment_config_names_the_key(tmp_path, override, message):
     result = snakemake(copy_workflow(tmp_path), "--dry-run", "--config", override)
     assert result.returncode != 0
     assert message in result.stdout + result.stderr
+
+
+def test_token_aggregated_scores_are_the_mean_absolute_standardised_token_scores(backdoor_run):
+    """tracin_ln_tok from the files on disk, naively: each response token's exact LN gradient (the per-token query
+    store) · each training sample's, standardised over the samples per token, |·| averaged over the query's tokens."""
+    results = backdoor_run[0]
+    tokens = zarr.open_group(results / "methods/cache/exact/token_queries.zarr", mode="r")
+    per_token, query_of = tokens["exact"][:].astype(np.float64), tokens["sample_index"][:]  # (rows, D), (rows,)
+    train = np.concatenate(
+        [
+            zarr.open_array(p / "exact", mode="r")[:].astype(np.float64)
+            for p in sorted((results / "methods/cache/exact/train").iterdir())
+        ]
+    )  # (N, D)
+    got = zarr.open_group(results / "methods/tracin_ln_tok/scores.zarr", mode="r")
+    expected = np.zeros(got["scores"].shape)
+    for q in range(expected.shape[0]):
+        for row in np.flatnonzero(query_of == q):
+            token_scores = [float(per_token[row] @ sample) for sample in train]
+            mean = sum(token_scores) / len(token_scores)
+            std = (sum((x - mean) ** 2 for x in token_scores) / len(token_scores)) ** 0.5
+            expected[q] += [abs(x - mean) / std for x in token_scores]
+        expected[q] /= (query_of == q).sum()
+    np.testing.assert_allclose(got["scores"][:], expected, rtol=1e-4, atol=1e-5)
+    rows = np.arange(len(expected))
+    np.testing.assert_allclose(expected[rows, got["top_ids"][:, 0]], expected.max(1), rtol=1e-4)  # ties: any of them
+    np.testing.assert_allclose(expected[rows, got["bottom_ids"][:, 0]], expected.min(1), rtol=1e-4)

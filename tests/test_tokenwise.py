@@ -14,13 +14,13 @@ from rapidin.cache.shard import _chunk_gradients
 from rapidin.data.generate import complete_queries, generate
 from rapidin.data.records import Record
 from rapidin.data.tokenize import TokenizedDataset, prompt_ids, response_pieces, target_mask, tokenize_record
-from rapidin.errors import DataError, StoreMismatchError
+from rapidin.errors import DataError, RapidinError, StoreMismatchError
 from rapidin.experiments.demo_model import train_tokenizer
 from rapidin.gradients.compress import ExactCompressor, RapidGradCompressor
 from rapidin.gradients.loss import collate, weighted_loss
 from rapidin.gradients.model import load_model, parameter_blocks, select_modules
 from rapidin.score.scores import SIDES
-from rapidin.score.tokenwise import TokenRows, attribute_tokens
+from rapidin.score.tokenwise import TokenRows, aggregate_token_scores, attribute_tokens
 from rapidin.score.tokenwise import top_samples as top_samples_of
 
 from .conftest import random_samples, tiny_llama
@@ -388,3 +388,56 @@ def test_tokens_jsonl_holds_the_inner_products_of_the_per_token_vectors(tokenize
     token_store(tmp_path / "train_tokens.zarr", {**settings, "seed": 1}, stores["train_tokens"])
     with pytest.raises(StoreMismatchError, match=r"train_tokens\.zarr was made with seed=1"):
         attribute_tokens(*args, str(model), str(out))
+
+
+def per_token_score_store(path, scores, query_index, top_k=2):
+    """A merged per-token score store as merge_scores lays it out: rows are query tokens."""
+    group = zarr.open_group(path, mode="w", zarr_format=3)
+    group.create_array("scores", data=np.asarray(scores, dtype=np.float32))
+    group.create_array("query", data=np.arange(len(query_index)))
+    group.create_array("sample", data=np.arange(np.shape(scores)[1]))
+    group.create_array("query_index", data=np.asarray(query_index))
+    group.attrs["rapidin"] = {"top_k": top_k, "n_queries": len(query_index), "array": "k64"}
+    return str(path)
+
+
+def test_token_aggregation_is_the_mean_absolute_standardised_token_score(tmp_path):
+    """_tok methods: per query, mean over its token rows of |x − mean x| / std x (over the samples), by hand;
+    a NaN score leaves that sample NaN and out of the statistics; top-k and bottom-k are those of the result."""
+    rng = np.random.default_rng(0)
+    scores = rng.normal(size=(6, 7))  # 6 token rows of 3 queries (2, 3, 1 tokens), 7 training samples
+    scores[3, 4] = np.nan
+    query_index = [0, 0, 1, 1, 1, 2]
+    store = per_token_score_store(tmp_path / "tokens.zarr", scores, query_index)
+    aggregate_token_scores(store, str(tmp_path / "scores.zarr"))
+    got = zarr.open_group(tmp_path / "scores.zarr", mode="r")
+    expected = np.zeros((3, 7))
+    for row, q in enumerate(query_index):
+        valid = [x for x in scores[row] if not np.isnan(x)]
+        mean = sum(valid) / len(valid)
+        std = (sum((x - mean) ** 2 for x in valid) / len(valid)) ** 0.5
+        expected[q] += [abs(x - mean) / std for x in scores[row]]
+    expected /= np.bincount(query_index)[:, None]
+    np.testing.assert_allclose(got["scores"][:], expected, rtol=1e-6)
+    assert np.isnan(got["scores"][1, 4]) and np.isfinite(np.delete(got["scores"][1], 4)).all()
+    assert got["query"][:].tolist() == [0, 1, 2] and got["sample"][:].tolist() == list(range(7))
+    finite = np.where(np.isnan(expected), -np.inf, expected)
+    assert got["top_ids"][:].tolist() == np.argsort(-finite, axis=1)[:, :2].tolist()
+    assert (
+        got["bottom_ids"][:].tolist()
+        == np.argsort(np.where(np.isnan(expected), np.inf, expected), axis=1)[:, :2].tolist()
+    )
+    assert got.attrs["rapidin"]["n_queries"] == 3 and got.attrs["rapidin"]["aggregation"] == "mean_abs_z"
+
+
+@pytest.mark.parametrize(
+    ("query_index", "message"),
+    [(None, "not a per-token score store"), ([0, 0, 2], "token rows do not cover queries 0…2")],
+)
+def test_token_aggregation_refuses_stores_without_every_querys_tokens(tmp_path, query_index, message):
+    store = per_token_score_store(tmp_path / "tokens.zarr", np.ones((3, 4)), query_index or [0, 1, 2])
+    if query_index is None:
+        del zarr.open_group(store)["query_index"]
+    with pytest.raises(RapidinError, match=message):
+        aggregate_token_scores(store, str(tmp_path / "scores.zarr"))
+    assert not (tmp_path / "scores.zarr").exists()

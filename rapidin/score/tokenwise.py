@@ -21,6 +21,13 @@ Granularities written to `tokens.jsonl` (per query line):
   own most influential samples;
 - training token → generation: per token of the query's top helpful and harmful samples, ⟨LN ∇ℓ_j(s), g(t)⟩;
 - token → token: per top sample, the matrix ⟨LN ∇ℓ_j(s), LN ∇ℓ_i(t)⟩ (sample tokens × response tokens).
+
+Token-level query aggregation (methods ending in `_tok`, `aggregate_token_scores`) ranks training samples for a
+whole response from its tokens' scores: I(s, t) = mean_i |z_i(s)|, z_i token i's scores standardised over the
+training samples. Trained to convergence, a poisoned sample pushes some of a response's tokens up and others
+down, so the whole-response gradient's inner product cancels; per token, and in magnitude, it does not. The
+score says how strongly a sample shapes the response, not in which direction: helpful is "most influential",
+harmful "least influential".
 """
 
 from __future__ import annotations
@@ -32,9 +39,10 @@ import numpy as np
 import zarr
 
 from rapidin.data.tokenize import TokenizedDataset, response_pieces
+from rapidin.errors import RapidinError
 from rapidin.gradients.model import load_tokenizer
-from rapidin.score.scores import SHARED_FIELDS, SIDES, vector_array
-from rapidin.store import atomic_file, check_agree, read_settings
+from rapidin.score.scores import SHARED_FIELDS, SIDES, running_topk, vector_array
+from rapidin.store import RANK_DIMS, SCORE_DIMS, atomic_dir, atomic_file, check_agree, read_settings, write_settings
 
 
 class TokenRows:
@@ -151,6 +159,39 @@ def attribute_tokens(
                         }
                     )
             handle.write(json.dumps(result, ensure_ascii=False) + "\n")
+
+
+def aggregate_token_scores(token_scores: str, out: str) -> None:
+    """Write the token-aggregated scores (queries × samples) of merged per-token scores to `out`.
+
+    Query q's score of sample s is mean_i |z_i(s)| over q's token rows i, z_i = (x_i − mean x_i) / std x_i over
+    the training samples (NaN scores left out, and NaN in the result). Laid out like influence/scores.zarr;
+    one query's token rows are read at a time.
+    """
+    group = zarr.open_group(token_scores, mode="r")
+    if "query_index" not in group:
+        raise RapidinError(f"{token_scores}: not a per-token score store (no query_index)")
+    rows_of = group["query_index"][:]  # (rows,): each token row's query
+    queries = np.unique(rows_of)
+    if not np.array_equal(queries, np.arange(len(queries))):
+        raise RapidinError(f"{token_scores}: token rows do not cover queries 0…{queries.max()} (a query has none)")
+    scores, settings = group["scores"], dict(group.attrs["rapidin"])
+    n = scores.shape[1]
+    with atomic_dir(out) as tmp:
+        result = zarr.open_group(tmp, mode="w", zarr_format=3)
+        aggregated = result.create_array(
+            "scores", shape=(len(queries), n), chunks=(1, n), dtype=np.float32, dimension_names=SCORE_DIMS
+        )
+        for q in queries:
+            x = scores.oindex[np.flatnonzero(rows_of == q), :].astype(np.float64)  # (R_q, N)
+            z = (x - np.nanmean(x, axis=1, keepdims=True)) / np.nanstd(x, axis=1, keepdims=True)
+            aggregated[q] = np.abs(z).mean(axis=0).astype(np.float32)  # (N,); NaN where any token's score is
+        for name, (positions, values) in running_topk(aggregated, settings["top_k"]).items():
+            result.create_array(f"{name}_ids", data=positions, dimension_names=RANK_DIMS)
+            result.create_array(f"{name}_scores", data=values, dimension_names=RANK_DIMS)
+        result.create_array("query", data=queries, dimension_names=("query",))
+        result.create_array("sample", data=group["sample"][:], dimension_names=("sample",))
+        write_settings(result, {**settings, "n_queries": len(queries), "aggregation": "mean_abs_z"})
 
 
 def _tokens(texts: list[str], scores: np.ndarray) -> list[dict]:

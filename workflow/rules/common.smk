@@ -205,6 +205,16 @@ def method_score_inputs(wildcards):
     }
 
 
+def token_method_score_inputs(wildcards):
+    """The per-token query store and the training-cache shard a _tok method scores (the main cache's per-token
+    queries are tokenwise's, rules/tokenwise.smk)."""
+    variant = method_source(wildcards.token_method)[0]
+    inputs = {"queries": f"{variant_dir(variant)}/token_queries.zarr/zarr.json"}
+    if "shard" in wildcards.keys():
+        inputs["cache"] = f"{variant_dir(variant)}/train/{wildcards.shard}.zarr/zarr.json"
+    return inputs
+
+
 def method_merge_inputs(wildcards):
     root = method_root(wildcards)
     return {
@@ -271,6 +281,14 @@ def method_costs(method):
     }
     if parsed.precondition:
         cost["benchmarks"]["other"] = [f"{bench}/precondition_queries/{method}.tsv"]
+    if parsed.tokens:
+        cost["benchmarks"]["query_cache"] = [
+            f"{bench}/cache_query_token_grads.tsv"
+            if variant == "main"
+            else f"{bench}/cache_variant_query_token_grads/{variant}.tsv"
+        ]
+        cost["benchmarks"]["score"] = [f"{bench}/score_token_method_shard/{method}/{shard}.tsv" for shard in SHARDS]
+        cost["benchmarks"]["other"] = [f"{bench}/aggregate_token_scores/{method}.tsv"]
     return cost
 
 

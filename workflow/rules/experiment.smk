@@ -5,13 +5,15 @@
 # Error tracing: make_error_tracing_data writes entity swaps into the demo's training set, and its queries.
 # Suffixes (rapidin.methods): _adam scores a variant with cache.optimizer adam, _pre preconditioned queries
 # (precondition_queries), _cp the lr-weighted sum over model.checkpoints of the method at each checkpoint
-# (the same variant, scoring and merging rules under results/<name>/checkpoints/<ckpt>/, then combine_method_scores).
+# (the same variant, scoring and merging rules under results/<name>/checkpoints/<ckpt>/, then combine_method_scores),
+# _tok token-level query aggregation (each response token's gradient scored like a query, then aggregate_token_scores).
 
 
 wildcard_constraints:
     variant=VARIANT_PATTERN,
     grad_method=METHOD_PATTERN.replace("random|bm25|", ""),  # rapidin.methods: one grammar of method names
     cp_method=CHECKPOINT_METHOD_PATTERN,
+    token_method=CHECKPOINT_METHOD_PATTERN,
     baseline="random|bm25",
 
 
@@ -100,6 +102,54 @@ use rule merge_scores as merge_method_scores with:
         scores="results/{name}/methods/{grad_method}/scores.zarr/zarr.json",
     log:
         "results/{name}/logs/merge_method_scores/{grad_method}.log",
+
+
+# Token-level query aggregation (methods ending in _tok): the variant's per-token query gradients, scored and
+# merged like queries into methods/<method>_tok/token_scores.zarr, then aggregated per query into scores.zarr.
+use rule cache_query_token_grads as cache_variant_query_token_grads with:
+    output:
+        cache="results/{name}/methods/cache/{variant}/token_queries.zarr/zarr.json",
+    log:
+        "results/{name}/logs/cache_variant_query_token_grads/{variant}.log",
+    benchmark:
+        "results/{name}/benchmarks/cache_variant_query_token_grads/{variant}.tsv"
+
+
+use rule score_shard as score_token_method_shard with:
+    input:
+        unpack(token_method_score_inputs),
+    output:
+        scores="results/{name}/methods/{token_method}_tok/token_scores/{shard}.zarr/zarr.json",
+    params:
+        top_k=config["score"]["top_k"],
+        array=lambda wildcards: method_source(wildcards.token_method)[1],
+    log:
+        "results/{name}/logs/score_token_method_shard/{token_method}_tok/{shard}.log",
+    benchmark:
+        "results/{name}/benchmarks/score_token_method_shard/{token_method}_tok/{shard}.tsv"
+
+
+use rule merge_scores as merge_token_method_scores with:
+    input:
+        shards=expand("results/{{name}}/methods/{{token_method}}_tok/token_scores/{shard}.zarr/zarr.json", shard=SHARDS),
+        queries=lambda wildcards: token_method_score_inputs(wildcards)["queries"],
+    output:
+        scores="results/{name}/methods/{token_method}_tok/token_scores.zarr/zarr.json",
+    log:
+        "results/{name}/logs/merge_token_method_scores/{token_method}_tok.log",
+
+
+rule aggregate_token_scores:
+    input:
+        token_scores="results/{name}/methods/{token_method}_tok/token_scores.zarr/zarr.json",
+    output:
+        scores="results/{name}/methods/{token_method}_tok/scores.zarr/zarr.json",
+    log:
+        "results/{name}/logs/aggregate_token_scores/{token_method}_tok.log",
+    benchmark:
+        "results/{name}/benchmarks/aggregate_token_scores/{token_method}_tok.tsv"
+    shell:
+        "rapidin aggregate-tokens --token-scores {input.token_scores:q} --out {output.scores:q} 2>&1 | tee {log:q}"
 
 
 rule precondition_queries:
