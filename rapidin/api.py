@@ -1,8 +1,9 @@
 """`rapidin.attribute`: influence scores and top-k in memory, for notebook-sized data.
 
 It runs the workflow's own steps (rapidin.steps) one after the other in a temporary directory: complete the
-queries, tokenize, cache the training and query gradients (one shard), score, merge, top-k. For large runs,
-use the workflow (sharded, resumable, on a cluster) or call those steps yourself.
+queries, tokenize, cache the training and query gradients (one shard; with aggregate="tokens", one query row per
+response token), score, merge (and aggregate the tokens' scores), top-k. For large runs, use the workflow
+(sharded, resumable, on a cluster) or call those steps yourself.
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ def attribute(
     queries,
     adapter: str | Path | None = None,
     device: str = "auto",
+    aggregate: str = "response",
     **options,
 ) -> Attribution:
     """Which training samples made the model say each query's response?
@@ -72,12 +74,16 @@ def attribute(
         queries: the generations to explain, likewise; a record without `output` is answered by the model first.
         adapter: an optional PEFT adapter directory (gradients over its trainable parameters).
         device: cpu, cuda, cuda:N or auto.
+        aggregate: "response" (each query's whole-response gradient) or "tokens" (each response token's scored on
+            its own, ranked by the mean |z| of the standardised token scores: config score.aggregate).
         options: any setting by its field name: DataSettings (template, max_length, …), CacheSettings
             (compressor, k, seed, …), ScoreSettings (top_k), GenerateSettings (max_new_tokens, …).
 
     Example: `rapidin.attribute("models/my-llm", "train.jsonl", [{"instruction": "Hi?", "output": "Howdy!"}],
     k=4096, top_k=5).helpful[0]`.
     """
+    if aggregate not in ("response", "tokens"):
+        raise ValueError(f"attribute(): aggregate must be 'response' or 'tokens', not {aggregate!r}")
     chosen = _settings(options)
     data, cache, score, generate = (chosen[cls] for cls in SETTINGS)
     model, adapter = str(model), adapter and str(adapter)
@@ -88,6 +94,7 @@ def attribute(
         steps.complete_queries(
             _jsonl(queries, root / "given_queries.jsonl"), model, query_file, adapter, data, generate
         )
+        per_token = aggregate == "tokens"
         for split, path in (("train", train_file), ("queries", query_file)):
             steps.tokenize(path, model, str(root / f"tokens/{split}.zarr"), data)
             steps.grads(
@@ -97,6 +104,7 @@ def attribute(
                 adapter,
                 cache,
                 device=device,
+                per_token=per_token and split == "queries",
             )
         steps.score(
             str(root / "cache/queries.zarr"),
@@ -105,7 +113,10 @@ def attribute(
             score,
             device=device,
         )
-        steps.merge([str(root / "scores/0.zarr")], str(root / "cache/queries.zarr"), str(root / "scores.zarr"))
+        merged = root / ("token_scores.zarr" if per_token else "scores.zarr")
+        steps.merge([str(root / "scores/0.zarr")], str(root / "cache/queries.zarr"), str(merged))
+        if per_token:
+            steps.aggregate_tokens(str(merged), str(root / "scores.zarr"))
         steps.topk(str(root / "scores.zarr"), train_file, query_file, str(root / "topk.jsonl"))
         group = zarr.open_group(root / "scores.zarr", mode="r")
         lines = [json.loads(line) for line in (root / "topk.jsonl").read_text(encoding="utf-8").splitlines()]

@@ -125,7 +125,7 @@ def plan(
     cache: CacheSettings = CacheSettings(),
     n_shards: int = 1,
     store: bool = True,
-    tokenwise: bool = True,
+    score_tokens: bool = True,
 ) -> None:
     """the run's size plan (N, D, K, bytes per sample, cache and score bytes, free disk), refused if it won't fit
 
@@ -137,7 +137,7 @@ def plan(
         adapter: a PEFT adapter directory
         n_shards: the number of shards (cache.n_shards)
         store: keep the training vectors (cache.store)
-        tokenwise: the query tokens are scored too (tokenwise.enabled)
+        score_tokens: the query response tokens are scored too (tokenwise.enabled or score.aggregate tokens)
     """
     from pathlib import Path
 
@@ -147,7 +147,7 @@ def plan(
     from rapidin.store import atomic_file
 
     queries = TokenizedDataset.open(query_tokens)
-    token_rows = sum(int(queries.loss_mask_of(i).sum()) for i in range(len(queries))) if tokenwise else 0
+    token_rows = sum(int(queries.loss_mask_of(i).sum()) for i in range(len(queries))) if score_tokens else 0
     D, arrays = gradient_layout(model, adapter, cache)
     planned = size_plan(
         len(TokenizedDataset.open(train_tokens)),

@@ -353,6 +353,9 @@ def test_side_titles_follow_the_signs_of_the_scores():
     assert side_title("harmful", [-0.5, 0.3]) == "Most harmful, then least helpful"
     assert side_title("helpful", [3.0, 0.1]) == "Most helpful"
     assert side_title("helpful", [-0.1, -0.2]) == "Least harmful"
+    # token-aggregated scores (score.aggregate tokens) are magnitudes: no side is harmful
+    assert side_title("helpful", [3.0, 0.1], signed=False) == "Most influential"
+    assert side_title("harmful", [0.2, 0.1], signed=False) == "Least influential"
 
 
 @needs_chromium

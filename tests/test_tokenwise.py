@@ -2,6 +2,7 @@
 and on the tiny workflow, that the backdoor response's tokens are attributed to the poisoned samples."""
 
 import json
+import re
 from collections import Counter
 
 import numpy as np
@@ -238,6 +239,20 @@ def test_tokenwise_can_be_switched_off(tmp_path):
     assert "rule write_report" in result.stdout and "complete_queries" in result.stdout
     for rule in ("cache_query_token_grads", "cache_train_token_grads", "attribute_tokens", "token_scores.zarr"):
         assert rule not in result.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("store", [True, False])
+def test_token_aggregation_scores_only_the_query_tokens(store, tmp_path):
+    """score.aggregate tokens, token-wise off: the query tokens are scored (and planned for), whole responses not."""
+    config = ["tokenwise={enabled: false}", "score={aggregate: tokens}", f"cache={{store: {str(store).lower()}}}"]
+    result = snakemake(copy_workflow(tmp_path), "--dry-run", "--config", *config)
+    assert result.returncode == 0, result.stderr[-2000:]
+    jobs = result.stdout
+    assert "cache/token_queries.zarr" in jobs and "influence/token_scores.zarr" in jobs
+    assert "rule aggregate_token_scores:" in jobs and "--score-tokens True" in jobs
+    assert not re.search(r"scores/\d{5}\.zarr", jobs)  # no whole-response score shard
+    assert "rule cache_train_token_grads" not in jobs and "rule attribute_tokens" not in jobs
 
 
 @pytest.mark.slow

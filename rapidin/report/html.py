@@ -41,6 +41,7 @@ SIDE_TITLES = {  # (side, sign of all its scores, 0 for mixed signs): the list's
     ("harmful", 1): "Least helpful",
     ("harmful", 0): "Most harmful, then least helpful",
 }
+UNSIGNED_TITLES = {"helpful": "Most influential", "harmful": "Least influential"}  # score.aggregate tokens: |z|
 
 
 @contextmanager
@@ -78,7 +79,9 @@ def write_report(
     records = read_records(train, fields=fields)
     metrics = _read_json(metrics)
     labels = poisoned_labels(records)
-    score_matrix = zarr.open_group(scores, mode="r")["scores"]
+    score_group = zarr.open_group(scores, mode="r")
+    score_matrix = score_group["scores"]
+    signed = "aggregation" not in score_group.attrs["rapidin"]  # token-aggregated scores say how much, not which way
     environment = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=True)
     html = environment.get_template("report.html").render(
         name=(settings or {}).get("name", ""),
@@ -90,7 +93,7 @@ def write_report(
         n_duplicated=sum(len(group) - 1 for group in identical_groups(records).values()),
         has_labels=labels is not None,
         top_n=top_n,
-        data=_script_json(report_data(lines, token_lines, records, top_n)),
+        data=_script_json(report_data(lines, token_lines, records, top_n, signed)),
         style=(TEMPLATES / "report.css").read_text(encoding="utf-8"),
         script=(TEMPLATES / "report.js").read_text(encoding="utf-8"),
     )
@@ -98,18 +101,21 @@ def write_report(
         handle.write(html)
 
 
-def report_data(lines: list[dict], token_lines: dict[int, dict], records: list[Record], top_n: int) -> dict:
+def report_data(
+    lines: list[dict], token_lines: dict[int, dict], records: list[Record], top_n: int, signed: bool = True
+) -> dict:
     """The JSON the page's script draws from: {"top_n", "queries": [...], "samples": {index: sample}}.
 
     A query's `helpful`/`harmful` entries are [index, rank, score, [[index, rank, score] of identical samples
-    merged into this entry]]; `scale` is the largest |score| of its shaded texts (one colour scale per query).
+    merged into this entry]]; `scale` is the largest |score| of its shaded texts (one colour scale per query);
+    `signed`: the scores have a direction (helpful, harmful), not only a magnitude (score.aggregate tokens).
     """
     groups = identical_groups(records)
     group_of = {index: key for key, group in groups.items() for index in group}
     samples = {}
     queries = []
     for line in lines:
-        view = _query_view(line, token_lines.get(line["query"]["index"], {}), top_n, group_of)
+        view = _query_view(line, token_lines.get(line["query"]["index"], {}), top_n, group_of, signed)
         queries.append(view)
         for side in SIDES:
             for s in line[side][:top_n]:
@@ -126,21 +132,24 @@ def identical_groups(records: list[Record]) -> dict[int, list[int]]:
     return {group[0]: group for group in by_text.values() if len(group) > 1}
 
 
-def side_title(side: str, scores: list[float]) -> str:
-    """What a side's list honestly is, by the sign of its scores: "most harmful" only where they are negative."""
+def side_title(side: str, scores: list[float], signed: bool = True) -> str:
+    """What a side's list honestly is, by the sign of its scores: "most harmful" only where they are negative;
+    unsigned scores (magnitudes) list the most and the least influential samples."""
+    if not signed:
+        return UNSIGNED_TITLES[side]
     if not scores:  # every ranked sample is in the other list
         return SIDE_TITLES[side, 1 if side == "helpful" else -1]
     sign = 1 if min(scores) >= 0 else -1 if max(scores) < 0 else 0
     return SIDE_TITLES[side, sign]
 
 
-def _query_view(line: dict, tokens: dict, top_n: int, group_of: dict[int, int]) -> dict:
+def _query_view(line: dict, tokens: dict, top_n: int, group_of: dict[int, int], signed: bool) -> dict:
     """One query as the page shows it (tokens: its line of tokens.jsonl, or {})."""
     query = line["query"]
     view = {key: query.get(key, "") for key in ("index", "id", "instruction", "input", "output")}
     view["meta"] = {k: v for k, v in query.items() if k not in (*TEXT_FIELDS, "targets")}
     view["targets"] = [t if isinstance(t, str) else query["output"][t[0] : t[1]] for t in query.get("targets", [])]
-    view["titles"] = {side: side_title(side, [s["score"] for s in line[side][:top_n]]) for side in SIDES}
+    view["titles"] = {side: side_title(side, [s["score"] for s in line[side][:top_n]], signed) for side in SIDES}
     for side in SIDES:
         view[side] = _merge_identical(line[side][:top_n], group_of)
     view["top_score"] = line["helpful"][0]["score"] if line["helpful"] else None

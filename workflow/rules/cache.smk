@@ -14,7 +14,7 @@ rule plan_run:
         adapter=adapter_input,
         n_shards=config["cache"]["n_shards"],
         store=config["cache"]["store"],
-        tokenwise=config["tokenwise"]["enabled"],
+        score_tokens=SCORE_TOKENS,
     log:
         "results/{name}/logs/plan_run.log",
     shell:
@@ -22,7 +22,7 @@ rule plan_run:
             "plan",
             "--train-tokens {input.train_tokens:q} --query-tokens {input.query_tokens:q} --model {input.model:q}",
             "--adapter {params.adapter:q} --out {output.plan:q} --n-shards {params.n_shards:q}",
-            "--store {params.store:q} --tokenwise {params.tokenwise:q}",
+            "--store {params.store:q} --score-tokens {params.score_tokens:q}",
         )
 
 

@@ -22,6 +22,9 @@ SHARDS = [f"{i:05d}" for i in range(config["cache"]["n_shards"])]
 KS = config["cache"]["k"] if isinstance(config["cache"]["k"], list) else [config["cache"]["k"]]
 EXPERIMENT = config["experiment"]
 FIELDS = json.dumps(config["data"]["fields"])  # the files' field names, for every step that reads them
+# score.aggregate tokens: influence/scores.zarr aggregates the query response tokens' scores (rules/tokenwise.smk)
+AGGREGATE_TOKENS = config["score"]["aggregate"] == "tokens"
+SCORE_TOKENS = config["tokenwise"]["enabled"] or AGGREGATE_TOKENS  # the query response tokens are scored
 # model.checkpoints by their wildcard names (rules/checkpoints.smk), in config order
 CHECKPOINTS = {checkpoint_name(entry["path"]): entry for entry in config["model"]["checkpoints"]}
 
@@ -288,7 +291,7 @@ def method_costs(method):
             else f"{bench}/cache_variant_query_token_grads/{variant}.tsv"
         ]
         cost["benchmarks"]["score"] = [f"{bench}/score_token_method_shard/{method}/{shard}.tsv" for shard in SHARDS]
-        cost["benchmarks"]["other"] = [f"{bench}/aggregate_token_scores/{method}.tsv"]
+        cost["benchmarks"]["other"] = [f"{bench}/aggregate_token_scores/methods/{method}.tsv"]
     return cost
 
 
@@ -345,6 +348,7 @@ def run_settings():
             "normalize": config["cache"]["normalize"],
             "optimizer": config["cache"]["optimizer"],
             "checkpoints": [entry["path"] for entry in config["model"]["checkpoints"]] or None,
+            "aggregate": config["score"]["aggregate"],
             "train": config["data"]["train"],
             "queries": config["data"]["queries"],
             "generation (queries without a response)": (

@@ -105,7 +105,8 @@ use rule merge_scores as merge_method_scores with:
 
 
 # Token-level query aggregation (methods ending in _tok): the variant's per-token query gradients, scored and
-# merged like queries into methods/<method>_tok/token_scores.zarr, then aggregated per query into scores.zarr.
+# merged like queries into methods/<method>_tok/token_scores.zarr, then aggregated per query into scores.zarr
+# (rules/tokenwise.smk: aggregate_token_scores).
 use rule cache_query_token_grads as cache_variant_query_token_grads with:
     output:
         cache="results/{name}/methods/cache/{variant}/token_queries.zarr/zarr.json",
@@ -137,19 +138,6 @@ use rule merge_scores as merge_token_method_scores with:
         scores="results/{name}/methods/{token_method}_tok/token_scores.zarr/zarr.json",
     log:
         "results/{name}/logs/merge_token_method_scores/{token_method}_tok.log",
-
-
-rule aggregate_token_scores:
-    input:
-        token_scores="results/{name}/methods/{token_method}_tok/token_scores.zarr/zarr.json",
-    output:
-        scores="results/{name}/methods/{token_method}_tok/scores.zarr/zarr.json",
-    log:
-        "results/{name}/logs/aggregate_token_scores/{token_method}_tok.log",
-    benchmark:
-        "results/{name}/benchmarks/aggregate_token_scores/{token_method}_tok.tsv"
-    shell:
-        "rapidin aggregate-tokens --token-scores {input.token_scores:q} --out {output.scores:q} 2>&1 | tee {log:q}"
 
 
 rule precondition_queries:

@@ -23,7 +23,8 @@ rule score_shard:
         " --out {output.scores:q} --top-k {params.top_k:q} --array {params.array:q} 2>&1 | tee {log:q}"
 
 
-QUERY_STORES = ["", "token_"] if config["tokenwise"]["enabled"] else [""]
+# The query stores scored: whole responses (unless score.aggregate tokens) and their tokens (SCORE_TOKENS).
+QUERY_STORES = ([] if AGGREGATE_TOKENS else [""]) + (["token_"] if SCORE_TOKENS else [])
 
 if not config["cache"]["store"]:
 

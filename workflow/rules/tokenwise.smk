@@ -1,6 +1,7 @@
 # Token-wise influence (method.md §2): per-token gradients of the query responses and of each query's top
 # training samples. The query tokens are scored like the queries (score_shard and merge_scores with
-# token="token_" give influence/token_scores.zarr); attribute_tokens writes tokens.jsonl.
+# token="token_" give influence/token_scores.zarr); attribute_tokens writes tokens.jsonl. With score.aggregate
+# tokens, aggregate_token_scores turns influence/token_scores.zarr into influence/scores.zarr.
 # The per-token caches take the cache's own settings (CACHE_PARAMS, CACHE_FLAGS: rules/cache.smk).
 
 
@@ -73,3 +74,31 @@ rule attribute_tokens:
         "rapidin tokenwise --topk {input.topk:q} --token-scores {input.token_scores:q} --queries {input.queries:q}"
         " --query-tokens {input.query_tokens:q} --train-tokens {input.train_tokens:q} --model {input.model:q}"
         " --top-samples {params.top_samples:q} --out {output.tokens:q} 2>&1 | tee {log:q}"
+
+
+# Token-level query aggregation (rapidin.score.tokenwise.aggregate_token_scores): per query, its response tokens'
+# scores → scores.zarr, where merge_scores would write it: influence/ (score.aggregate tokens, also after
+# combine_checkpoint_scores summed the token scores over model.checkpoints) and the experiments' methods/<method>_tok/.
+rule aggregate_token_scores:
+    input:
+        token_scores="results/{name}/{aggregated}/token_scores.zarr/zarr.json",
+    output:
+        scores="results/{name}/{aggregated}/scores.zarr/zarr.json",
+    wildcard_constraints:
+        aggregated=rf"methods/({CHECKPOINT_METHOD_PATTERN})_tok" + ("|influence" if AGGREGATE_TOKENS else ""),
+    log:
+        "results/{name}/logs/aggregate_token_scores/{aggregated}.log",
+    benchmark:
+        "results/{name}/benchmarks/aggregate_token_scores/{aggregated}.tsv"
+    shell:
+        "rapidin aggregate-tokens --token-scores {input.token_scores:q} --out {output.scores:q} 2>&1 | tee {log:q}"
+
+
+if AGGREGATE_TOKENS:  # influence/scores.zarr is aggregate_token_scores', not merge_scores' nor the checkpoints' sum
+
+    ruleorder: aggregate_token_scores > merge_scores
+
+
+if AGGREGATE_TOKENS and CHECKPOINTS:
+
+    ruleorder: aggregate_token_scores > combine_checkpoint_scores
