@@ -291,22 +291,24 @@ def merge(shards: list[Store], queries: Store, out: Store) -> None:
 
 
 def combine(scores: list[Store], checkpoints: str, out: Store) -> None:
-    """several checkpoints' merged scores as their lr-weighted sum (TracInCP), with each row's top-k and bottom-k
+    """several checkpoints' merged scores as their lr-weighted sum (TracInCP; token-aggregated: their mean), with
+    each row's top-k and bottom-k
 
     Args:
         scores: each checkpoint's merged score store, in the order of checkpoints
         checkpoints: model.checkpoints as a JSON array of {"path", "lr"} (no lr: from trainer_state.json, else equal)
         out: the combined score store to write
     """
-    from rapidin.score.checkpoints import combine_scores, resolve_checkpoints
+    from rapidin.score.checkpoints import checkpoint_weights, combine_scores, resolve_checkpoints
 
     entries = json.loads(checkpoints)
     if len(entries) != len(scores):
         raise RapidinError(f"model.checkpoints: {len(entries)} checkpoints but {len(scores)} score stores")
     resolved = resolve_checkpoints(entries)
-    for checkpoint in resolved:
-        log.info("checkpoint %s: weight %.6g", checkpoint.path, checkpoint.lr)
-    combine_scores(list(scores), [c.lr for c in resolved], out)
+    weights = checkpoint_weights(resolved, list(scores))
+    for checkpoint, weight in zip(resolved, weights, strict=True):
+        log.info("checkpoint %s: weight %.6g", checkpoint.path, weight)
+    combine_scores(list(scores), weights, out)
 
 
 def topk(scores: Store, train: str, queries: str, out: str, data: DataSettings = DataSettings()) -> None:

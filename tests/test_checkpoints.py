@@ -16,7 +16,7 @@ from rapidin.errors import RapidinError, StoreMismatchError
 from rapidin.experiments.demo_model import train_demo_model
 from rapidin.gradients.loss import collate, weighted_loss
 from rapidin.gradients.model import parameter_blocks, select_modules
-from rapidin.score.checkpoints import Checkpoint, combine_scores, resolve_checkpoints
+from rapidin.score.checkpoints import Checkpoint, checkpoint_weights, combine_scores, resolve_checkpoints
 from rapidin.score.scores import merge_scores, score_shard
 
 from .conftest import tiny_llama
@@ -114,6 +114,15 @@ def test_combined_scores_equal_the_lr_weighted_sum_of_exact_checkpoint_scores(mo
     group.attrs["rapidin"] = {**group.attrs["rapidin"], "optimizer": None}  # but not plain with optimizer-aware
     with pytest.raises(StoreMismatchError, match="optimizer"):
         combine_scores(stores, [1.0, 1.0], str(tmp_path / "mixed.zarr"))
+
+    aggregated = tmp_path / "aggregated.zarr"  # token-aggregated (score.aggregate tokens): averaged, whatever the lrs
+    shutil.copytree(stores[0], aggregated)
+    group = zarr.open_group(aggregated, mode="r+")
+    group.attrs["rapidin"] = {**group.attrs["rapidin"], "aggregation": "mean_abs_z"}
+    assert checkpoint_weights(checkpoints, [str(aggregated)] * 2) == [0.5, 0.5]
+    assert checkpoint_weights(checkpoints, stores) == [0.25, 0.75]
+    with pytest.raises(StoreMismatchError, match="aggregation"):  # and never summed with signed scores
+        combine_scores([stores[0], str(aggregated)], [0.5, 0.5], str(tmp_path / "signed-and-not.zarr"))
 
 
 def test_checkpoint_weights_default_to_equal(model_and_tokens, tmp_path):

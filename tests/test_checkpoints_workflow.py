@@ -1,4 +1,5 @@
-"""model.checkpoints in the workflow: one cache per checkpoint, their lr-weighted sum where the scores always are."""
+"""model.checkpoints in the workflow: one cache per checkpoint, their lr-weighted sum (token-aggregated: mean) where
+the scores always are."""
 
 import json
 import re
@@ -52,7 +53,7 @@ def test_checkpoint_scores_are_the_lr_weighted_sum_of_each_checkpoints_inner_pro
         for e in (1, 2)
     ]
     assert lrs[0] != lrs[1]
-    summed = {}
+    summed, at_checkpoints = {}, {}
     for token in ("", "token_"):
         per_checkpoint = []
         for name in names:
@@ -60,6 +61,7 @@ def test_checkpoint_scores_are_the_lr_weighted_sum_of_each_checkpoints_inner_pro
             train = np.concatenate([rows(cache / f"train/{shard}.zarr") for shard in ("00000", "00001")])
             per_checkpoint.append(rows(cache / f"{token}queries.zarr") @ train.T)  # (rows, 300)
         expected = summed[token] = lrs[0] * per_checkpoint[0] + lrs[1] * per_checkpoint[1]
+        at_checkpoints[token] = per_checkpoint
         combined = zarr.open_group(results / f"influence/{token}scores.zarr", mode="r")
         np.testing.assert_allclose(combined["scores"][:], expected, rtol=1e-5, atol=1e-6 * np.abs(expected).max())
         assert np.abs(per_checkpoint[0] - per_checkpoint[1]).max() > 0.05 * np.abs(expected).max()
@@ -76,21 +78,28 @@ def test_checkpoint_scores_are_the_lr_weighted_sum_of_each_checkpoints_inner_pro
     for rule in ("write_topk", "evaluate_backdoor", "attribute_tokens", "write_report"):
         assert f"rule {rule}:" in added.stderr, rule
 
-    # score.aggregate tokens: the summed token scores, per query the mean over its tokens of |z| (standardised over
-    # the samples), from the same caches
+    # score.aggregate tokens: at each checkpoint, per query the mean over its tokens of |z| (their scores standardised
+    # over the samples), then the checkpoints' mean, from the same caches
     aggregated = snakemake(
         workdir, "--configfile", "config/tiny.yaml", "checkpoints.yaml", "--config", "score={aggregate: tokens}"
     )
     assert aggregated.returncode == 0, aggregated.stderr[-3000:]
     assert "rule cache_checkpoint" not in aggregated.stderr and "rule aggregate_token_scores:" in aggregated.stderr
     owner = zarr.open_array(results / f"checkpoints/{names[0]}/cache/token_queries.zarr/sample_index", mode="r")[:]
-    z = (summed["token_"] - summed["token_"].mean(axis=1, keepdims=True)) / summed["token_"].std(axis=1, keepdims=True)
-    expected = np.array([np.abs(z[owner == q]).mean(axis=0) for q in range(len(summed[""]))])  # (queries, 300)
     assert np.bincount(owner).min() > 1
+
+    def mean_abs_z(scores):  # (query tokens, 300) → (queries, 300)
+        z = (scores - scores.mean(axis=1, keepdims=True)) / scores.std(axis=1, keepdims=True)
+        return np.array([np.abs(z[owner == q]).mean(axis=0) for q in range(len(summed[""]))])
+
+    expected = sum(mean_abs_z(scores) for scores in at_checkpoints["token_"]) / 2
+    assert np.abs(mean_abs_z(summed["token_"]) - expected).max() > 0.05  # not the aggregated lr-weighted sum
     scores = zarr.open_array(results / "influence/scores.zarr/scores", mode="r")[:]
     np.testing.assert_allclose(scores, expected, rtol=1e-4)
     topk = [json.loads(line) for line in (results / "influence/topk.jsonl").read_text().splitlines()]
     assert [q["helpful"][0]["index"] for q in topk] == expected.argmax(axis=1).tolist()
     assert [q["harmful"][0]["index"] for q in topk] == expected.argmin(axis=1).tolist()
+    sources = zarr.open_group(results / "influence/scores.zarr", mode="r").attrs["rapidin"]["checkpoints"]
+    assert [c["weight"] for c in sources] == [0.5, 0.5]
     report = (results / "report/index.html").read_text()
     assert "Most influential" in report and "Most helpful" not in report

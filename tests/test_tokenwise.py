@@ -8,6 +8,7 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
+import xarray as xr
 import zarr
 from scipy.stats import binomtest, spearmanr
 
@@ -418,10 +419,15 @@ def per_token_score_store(path, scores, query_index, top_k=2):
 
 def test_token_aggregation_is_the_mean_absolute_standardised_token_score(tmp_path):
     """_tok methods: per query, mean over its token rows of |x − mean x| / std x (over the samples), by hand;
-    a NaN score leaves that sample NaN and out of the statistics; top-k and bottom-k are those of the result."""
+    a NaN score leaves that sample NaN and out of the statistics; a token scoring every sample alike (up to float32
+    rounding) adds 0; top-k and bottom-k are those of the result; xarray reads it with named dimensions and ids."""
     rng = np.random.default_rng(0)
-    scores = rng.normal(size=(6, 7))  # 6 token rows of 3 queries (2, 3, 1 tokens), 7 training samples
+    scores = rng.normal(size=(6, 7)).astype(np.float32)  # 6 token rows of 3 queries (2, 3, 1 tokens), 7 samples
+    scores[0] *= 1e4  # token rows of one query on scales far apart (z is the same on any scale)
+    scores[1] *= 1e-4
     scores[3, 4] = np.nan
+    scores[2] = 1000.0  # a token scoring every sample alike (one whose gradient is 0 scores them all 0) …
+    scores[2, 3] = np.nextafter(np.float32(1000), np.float32(2000))  # … but for the last bit of one
     query_index = [0, 0, 1, 1, 1, 2]
     store = per_token_score_store(tmp_path / "tokens.zarr", scores, query_index)
     aggregate_token_scores(store, str(tmp_path / "scores.zarr"))
@@ -431,7 +437,7 @@ def test_token_aggregation_is_the_mean_absolute_standardised_token_score(tmp_pat
         valid = [x for x in scores[row] if not np.isnan(x)]
         mean = sum(valid) / len(valid)
         std = (sum((x - mean) ** 2 for x in valid) / len(valid)) ** 0.5
-        expected[q] += [abs(x - mean) / std for x in scores[row]]
+        expected[q] += [abs(x - mean) / std if row != 2 else 0.0 for x in scores[row]]
     expected /= np.bincount(query_index)[:, None]
     np.testing.assert_allclose(got["scores"][:], expected, rtol=1e-6)
     assert np.isnan(got["scores"][1, 4]) and np.isfinite(np.delete(got["scores"][1], 4)).all()
@@ -443,6 +449,13 @@ def test_token_aggregation_is_the_mean_absolute_standardised_token_score(tmp_pat
         == np.argsort(np.where(np.isnan(expected), np.inf, expected), axis=1)[:, :2].tolist()
     )
     assert got.attrs["rapidin"]["n_queries"] == 3 and got.attrs["rapidin"]["aggregation"] == "mean_abs_z"
+    dataset = xr.open_zarr(tmp_path / "scores.zarr", consolidated=False)
+    assert dataset["scores"].dims == ("query", "sample")
+    assert {dataset[f"{side}_{kind}"].dims for side in ("top", "bottom") for kind in ("ids", "scores")} == {
+        ("query", "rank")
+    }
+    assert set(dataset.indexes) == {"query", "sample"}  # the ids label the scores' rows and columns
+    assert dataset["query"].values.tolist() == [0, 1, 2] and dataset["sample"].values.tolist() == list(range(7))
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,9 @@ merged stores with weights η_c into one store laid out like `influence/scores.z
 
 η_c is the checkpoint's `lr` if given, else the last `learning_rate` in its `trainer_state.json`'s
 `log_history` (a Hugging Face Trainer logs it every `logging_steps`; the demo logs each epoch's mean), else,
-when no checkpoint has either, 1/C for each of the C checkpoints (their mean).
+when no checkpoint has either, 1/C for each of the C checkpoints (their mean). Token-aggregated stores
+(score.aggregate tokens: each checkpoint's mean |z| of its standardised token scores) are averaged, 1/C each:
+standardised at every checkpoint, they carry no step size for η_c to scale (`checkpoint_weights`).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ PER_CHECKPOINT_FIELDS = ("model", "adapter", "optimizer_state")
 COMBINED_FIELDS = (
     *(f for f in SHARED_FIELDS if f not in PER_CHECKPOINT_FIELDS),
     "array",
+    "aggregation",
     "top_k",
     "n_queries",
     "n_samples",
@@ -85,6 +88,13 @@ def _logged_learning_rate(path: Path, key: str) -> float | None:
     except (json.JSONDecodeError, KeyError, TypeError) as error:
         raise RapidinError(f"{key}: {path} is not a Trainer state with a log_history: {error}") from None
     return logged[-1] if logged else None
+
+
+def checkpoint_weights(checkpoints: list[Checkpoint], stores: list[str]) -> list[float]:
+    """Each checkpoint's weight in the sum of its score store: η_c, or 1/C for token-aggregated stores."""
+    if "aggregation" in zarr.open_group(stores[0], mode="r").attrs["rapidin"]:
+        return [1 / len(checkpoints)] * len(checkpoints)
+    return [c.lr for c in checkpoints]
 
 
 def combine_scores(stores: list[str], weights: list[float], out: str) -> None:

@@ -44,6 +44,8 @@ from rapidin.gradients.model import load_tokenizer
 from rapidin.score.scores import SHARED_FIELDS, SIDES, running_topk, vector_array
 from rapidin.store import RANK_DIMS, SCORE_DIMS, atomic_dir, atomic_file, check_agree, read_settings, write_settings
 
+FLOAT32_RESOLUTION = float(np.finfo(np.float32).eps)  # scores are stored in float32: smaller spreads are rounding
+
 
 class TokenRows:
     """One row per response token of the chosen samples: the prefix ending at that token, loss on it alone.
@@ -165,8 +167,9 @@ def aggregate_token_scores(token_scores: str, out: str) -> None:
     """Write the token-aggregated scores (queries × samples) of merged per-token scores to `out`.
 
     Query q's score of sample s is mean_i |z_i(s)| over q's token rows i, z_i = (x_i − mean x_i) / std x_i over
-    the training samples (NaN scores left out, and NaN in the result). Laid out like influence/scores.zarr;
-    one query's token rows are read at a time.
+    the training samples (NaN scores left out, and NaN in the result); a token that scores every sample alike, up
+    to float32 rounding, ranks none: its z is 0. Laid out like influence/scores.zarr; one query's token rows are
+    read at a time.
     """
     group = zarr.open_group(token_scores, mode="r")
     if "query_index" not in group:
@@ -184,7 +187,9 @@ def aggregate_token_scores(token_scores: str, out: str) -> None:
         )
         for q in queries:
             x = scores.oindex[np.flatnonzero(rows_of == q), :].astype(np.float64)  # (R_q, N)
-            z = (x - np.nanmean(x, axis=1, keepdims=True)) / np.nanstd(x, axis=1, keepdims=True)
+            spread = np.nanstd(x, axis=1, keepdims=True)  # (R_q, 1)
+            spread[~(spread > FLOAT32_RESOLUTION * np.nanmax(np.abs(x), axis=1, keepdims=True))] = np.inf
+            z = (x - np.nanmean(x, axis=1, keepdims=True)) / spread
             aggregated[q] = np.abs(z).mean(axis=0).astype(np.float32)  # (N,); NaN where any token's score is
         for name, (positions, values) in running_topk(aggregated, settings["top_k"]).items():
             result.create_array(f"{name}_ids", data=positions, dimension_names=RANK_DIMS)

@@ -2,7 +2,9 @@
 # CHECKPOINTS in common.smk) gets its own caches and scores under results/<name>/checkpoints/<ckpt>/, made by
 # the cache's settings (CACHE_PARAMS: same seed, same parameter layout); combine_checkpoint_scores writes their
 # lr-weighted sum where merge_scores would write (influence/scores.zarr, influence/token_scores.zarr), so top-k,
-# metrics, token-wise and the report read it unchanged. Adding a checkpoint computes only its caches and scores.
+# metrics, token-wise and the report read it unchanged; with score.aggregate tokens, influence/scores.zarr is the
+# mean of each checkpoint's aggregated token scores (rules/tokenwise.smk). Adding a checkpoint computes only its
+# caches and scores.
 # model.path stays the model that generates, tokenizes and gives tokens.jsonl its per-token heat maps.
 
 

@@ -77,15 +77,20 @@ rule attribute_tokens:
 
 
 # Token-level query aggregation (rapidin.score.tokenwise.aggregate_token_scores): per query, its response tokens'
-# scores → scores.zarr, where merge_scores would write it: influence/ (score.aggregate tokens, also after
-# combine_checkpoint_scores summed the token scores over model.checkpoints) and the experiments' methods/<method>_tok/.
+# scores → scores.zarr, where merge_scores would write it: influence/ (score.aggregate tokens; with model.checkpoints,
+# each checkpoint's influence/, which combine_checkpoint_scores then averages) and the experiments' methods/<method>_tok/.
+AGGREGATED = rf"methods/({CHECKPOINT_METHOD_PATTERN})_tok"
+if AGGREGATE_TOKENS:
+    AGGREGATED += r"|checkpoints/[^/]+/influence" if CHECKPOINTS else "|influence"
+
+
 rule aggregate_token_scores:
     input:
         token_scores="results/{name}/{aggregated}/token_scores.zarr/zarr.json",
     output:
         scores="results/{name}/{aggregated}/scores.zarr/zarr.json",
     wildcard_constraints:
-        aggregated=rf"methods/({CHECKPOINT_METHOD_PATTERN})_tok" + ("|influence" if AGGREGATE_TOKENS else ""),
+        aggregated=AGGREGATED,
     log:
         "results/{name}/logs/aggregate_token_scores/{aggregated}.log",
     benchmark:
@@ -94,11 +99,8 @@ rule aggregate_token_scores:
         "rapidin aggregate-tokens --token-scores {input.token_scores:q} --out {output.scores:q} 2>&1 | tee {log:q}"
 
 
-if AGGREGATE_TOKENS:  # influence/scores.zarr is aggregate_token_scores', not merge_scores' nor the checkpoints' sum
+if AGGREGATE_TOKENS:  # (checkpoints/<ckpt>/)influence/scores.zarr is aggregate_token_scores', not a merge's
 
     ruleorder: aggregate_token_scores > merge_scores
 
-
-if AGGREGATE_TOKENS and CHECKPOINTS:
-
-    ruleorder: aggregate_token_scores > combine_checkpoint_scores
+    ruleorder: aggregate_token_scores > merge_checkpoint_scores
