@@ -7,6 +7,7 @@ import re
 
 import numpy as np
 import pytest
+import xarray as xr
 import zarr
 
 from rapidin.errors import StoreMismatchError
@@ -82,19 +83,45 @@ def test_merged_scores_and_ends_equal_a_plain_gemm_and_sort(tmp_path, top_k):
     assert all(not set(t) & set(b) - {-1} for t, b in zip(tops, bottoms, strict=True))
 
 
-def test_shard_scores_and_ends_equal_a_plain_gemm_and_sort(tmp_path):
+@pytest.mark.parametrize("top_k", [4, 7])  # 2k ≤ the shard's 10 samples; 2k > 10: bottom-k padded with -1
+def test_shard_scores_and_ends_equal_a_plain_gemm_and_sort(tmp_path, top_k):
     queries, train = data()
     train = train[:10]
     query_store = vector_store(tmp_path / "queries.zarr", queries, np.arange(3), 3)
     cache = vector_store(tmp_path / "cache.zarr", train, np.arange(40, 50), 4)
-    score_shard(query_store, cache, str(tmp_path / "scores.zarr"), 4, device="cpu")
+    score_shard(query_store, cache, str(tmp_path / "scores.zarr"), top_k, device="cpu")
     group = zarr.open_group(tmp_path / "scores.zarr", mode="r")
     np.testing.assert_allclose(group["scores"][:], queries.astype(float) @ train.astype(float).T, rtol=1e-6, atol=1e-6)
     assert group["ids"][:].tolist() == list(range(40, 50))
     for q, row in enumerate(group["scores"][:]):
-        top, bottom = naive_ends(row, 4)
-        assert group["top_ids"][q].tolist() == [40 + i for i in top]  # the shard's training ids, not positions
-        assert group["bottom_ids"][q].tolist() == [40 + i for i in bottom]
+        for name, want in zip(("top", "bottom"), naive_ends(row, top_k), strict=True):
+            padding = [-1] * (top_k - len(want))
+            assert group[f"{name}_ids"][q].tolist() == [40 + i for i in want] + padding  # training ids, not positions
+            np.testing.assert_array_equal(group[f"{name}_scores"][q][: len(want)], row[want])
+            assert np.isnan(group[f"{name}_scores"][q][len(want) :]).all()
+
+
+def test_shard_records_what_it_scored_and_opens_in_xarray(tmp_path):
+    """A shard's settings: the cache's shared fields, tokens, dtype and chunking, and a fingerprint of the queries
+    (equal for the same query vectors, not for others); xarray reads it with named dimensions and the ids."""
+    queries, train = data()
+    cache = vector_store(tmp_path / "cache.zarr", train[:10], np.arange(40, 50), 4)
+    group = zarr.open_group(cache, mode="r+")
+    group.attrs["rapidin"] = {**SETTINGS, "tokens": "a1b2", "dtype": "float16"}
+    stamps = []
+    for name, vectors in (("first", queries), ("again", queries), ("other", queries[::-1].copy())):
+        store = vector_store(tmp_path / f"{name}-queries.zarr", vectors, np.arange(3), 3)
+        score_shard(store, cache, str(tmp_path / f"{name}.zarr"), 2)  # the default device: the CPU here
+        stamps.append(zarr.open_group(tmp_path / f"{name}.zarr", mode="r").attrs["rapidin"])
+    first = stamps[0]
+    assert {f: first[f] for f in score.SHARED_FIELDS} == {f: SETTINGS.get(f) for f in score.SHARED_FIELDS}
+    assert (first["cache_tokens"], first["cache_dtype"], first["chunk_rows"]) == ("a1b2", "float16", 4)
+    assert first["queries"] == stamps[1]["queries"] != stamps[2]["queries"]
+    dataset = xr.open_zarr(tmp_path / "first.zarr", consolidated=False)
+    assert dataset["scores"].dims == ("query", "sample") and dataset["ids"].dims == ("sample",)
+    assert {dataset[f"{side}_{kind}"].dims for side in ("top", "bottom") for kind in ("ids", "scores")} == {
+        ("query", "rank")
+    }
 
 
 def test_equal_scores_never_put_a_sample_at_both_ends(tmp_path):
@@ -265,6 +292,34 @@ def test_shard_killed_after_its_ends_were_written_resumes(tmp_path, monkeypatch)
     np.testing.assert_allclose(group["scores"][:], queries.astype(float) @ train.astype(float).T, rtol=1e-6, atol=1e-6)
     for q, row in enumerate(group["scores"][:]):
         assert [group["top_ids"][q].tolist(), group["bottom_ids"][q].tolist()] == list(map(list, naive_ends(row, 4)))
+
+
+def test_a_resumed_shard_counts_on_from_the_rows_it_had_scored(tmp_path, monkeypatch, capsys):
+    """Killed when writing its second chunk (4 of its 10 rows written), the rerun scores the other 6 and its progress
+    lines count on from 4: 8/10, then 10/10 rows; the scores are the plain GEMM's."""
+    queries, train = data()
+    train = train[:10]
+    query_store = vector_store(tmp_path / "queries.zarr", queries, np.arange(3), 3)
+    cache = vector_store(tmp_path / "cache.zarr", train, np.arange(40, 50), 4)
+    out = str(tmp_path / "scores.zarr")
+    write, written = score.write_scores, []
+
+    def killed_after_the_first(store, scored):
+        if written:
+            raise KeyboardInterrupt
+        written.extend(chunk for chunk, _ in scored)
+        write(store, scored)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(score, "write_scores", killed_after_the_first)
+        with pytest.raises(KeyboardInterrupt):
+            score_shard(query_store, cache, out, 3, device="cpu")
+    assert written == [0]
+    capsys.readouterr()
+    score_shard(query_store, cache, out, 3, device="cpu")
+    assert re.findall(r"scores cache\.zarr: (\d+/\d+) rows", capsys.readouterr().err) == ["8/10", "10/10"]
+    scores = zarr.open_group(out, mode="r")["scores"][:]
+    np.testing.assert_allclose(scores, queries.astype(float) @ train.astype(float).T, rtol=1e-6, atol=1e-6)
 
 
 def test_topk_jsonl_reads_renamed_fields(tmp_path):
