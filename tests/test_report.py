@@ -134,7 +134,9 @@ def synthetic_run(folder: Path, n_queries: int, n_train: int = 40, top: int = 10
         scores = np.abs(scores) + 0.5
     paths = {name: folder / name for name in ("train.jsonl", "topk.jsonl", "tokens.jsonl", "metrics.json")}
     paths["scores"] = folder / "scores.zarr"
-    zarr.open_group(paths["scores"], mode="w").create_array("scores", data=scores)
+    group = zarr.open_group(paths["scores"], mode="w")
+    group.create_array("scores", data=scores)
+    group.attrs["rapidin"] = {"n_queries": n_queries, "n_samples": n_train}  # as merge_scores records its settings
     write_jsonl(paths["train.jsonl"], train)
     topk, tokens = [], []
     for q, query in enumerate(queries):
