@@ -24,7 +24,7 @@ import zarr
 
 from rapidin.errors import RapidinError
 from rapidin.score.scores import SHARED_FIELDS, running_topk
-from rapidin.store import RANK_DIMS, SCORE_DIMS, atomic_dir, check_agree, write_settings
+from rapidin.store import RANK_DIMS, SCORE_DIMS, atomic_dir, check_agree, read_settings, write_settings
 
 # Settings the checkpoints' score stores must share: all but the weights they were computed at (and the optimizer
 # state saved with those weights, for cache.optimizer adam).
@@ -92,7 +92,7 @@ def _logged_learning_rate(path: Path, key: str) -> float | None:
 
 def checkpoint_weights(checkpoints: list[Checkpoint], stores: list[str]) -> list[float]:
     """Each checkpoint's weight in the sum of its score store: η_c, or 1/C for token-aggregated stores."""
-    if "aggregation" in zarr.open_group(stores[0], mode="r").attrs["rapidin"]:
+    if "aggregation" in read_settings(stores[0]):
         return [1 / len(checkpoints)] * len(checkpoints)
     return [c.lr for c in checkpoints]
 
